@@ -1,0 +1,341 @@
+"""Applying a method in the user's loop: one call that fills ``.grad``.
+
+One step, for losses ``L_t``, a method's loss weights ``L'_t = w_t L_t + c_t`` and, for
+gradient-level methods, shared weights ``a``:
+
+- loss level: one ordinary backward of ``sum_t L'_t``;
+- feature level: the T gradients of ``w_t L_t`` w.r.t. the shared representation z (through the
+  heads only, batched), the method's ``a`` from their Gramian, then ONE backward of
+  ``sum_t L'_t`` in which a hook replaces the gradient arriving at z by ``sum_t a_t dL'_t/dz``.
+  The heads and the method's parameters thus get the gradient of their own ``L'_t``, and the
+  trunk one backward of the combination;
+- parameter level: the T gradients of ``w_t L_t`` w.r.t. the shared parameters (batched), the
+  method's ``a``, ``sum_t a_t g_t`` written into the shared ``.grad``, and one backward of
+  ``sum_t L'_t`` restricted to everything else (heads, the method's parameters).
+
+Like ``Tensor.backward``, ``.grad`` is accumulated into, never overwritten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from taskbalance.engine import (
+    JacobianMode,
+    TaskLosses,
+    collect_losses,
+    combine,
+    gramian,
+    leaf_tensors,
+    reaches,
+    task_jacobian,
+    unique_tensors,
+)
+from taskbalance.engine.requirement import Requirement
+from taskbalance.errors import InvalidLossError
+
+if TYPE_CHECKING:
+    from taskbalance.engine.losses import LossesLike
+    from taskbalance.methods.base import Method
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What one step computed, detached: for logging and diagnostics, at no extra cost.
+
+    Attributes:
+        tasks: the task names, in the order of every vector here.
+        losses: the raw task losses ``L_t``, shape ``(T,)``.
+        loss_weights: the loss-level weights ``w_t`` (ones for a method without any).
+        gradient_weights: the weights ``a_t`` the method gave the per-task gradients of the
+            shared part; ``None`` for loss-level and Jacobian methods.
+        grad_norms: ``||grad (w_t L_t)||`` at the method's level; ``None`` when the engine did
+            not compute per-task gradients (loss-level methods).
+        cosines: the T x T cosines between the per-task gradients (0 where a gradient is
+            zero); ``None`` when not computed.
+        level: ``"feature"``, ``"parameter"``, or ``None`` for loss-level methods.
+    """
+
+    tasks: tuple[str, ...]
+    losses: Tensor
+    loss_weights: Tensor
+    gradient_weights: Tensor | None = None
+    grad_norms: Tensor | None = None
+    cosines: Tensor | None = None
+    level: str | None = None
+
+    @property
+    def weights(self) -> Tensor:
+        """The total weight of each raw task gradient in the shared update: ``a_t * w_t``."""
+        if self.gradient_weights is None:
+            return self.loss_weights
+        return self.gradient_weights * self.loss_weights
+
+
+@dataclass
+class _Prepared:
+    """The losses of one step, checked and weighted by the method's loss level."""
+
+    losses: TaskLosses
+    loss_weights: Tensor
+    weighted: Tensor
+    """``w_t L_t``, in the graph: what per-task gradients are taken of."""
+    total: Tensor
+    """``sum_t L'_t``: what everything that is not shared is trained on."""
+
+
+def _prepare(method: Method, losses: LossesLike) -> _Prepared:
+    checked = collect_losses(losses, method.task_names)
+    method.bind_tasks(checked.names, checked.from_mapping)
+    loss_weights, offsets = method.loss_weights(checked.values.detach())
+    if loss_weights.shape != checked.values.shape:
+        raise RuntimeError(
+            f"{type(method).__name__}.loss_weights returned shape {tuple(loss_weights.shape)} "
+            f"for {checked.values.numel()} tasks"
+        )
+    weighted = loss_weights * checked.values
+    total = weighted.sum() if offsets is None else (weighted + offsets).sum()
+    return _Prepared(checked, loss_weights, weighted, total)
+
+
+@dataclass
+class _SharedUpdate:
+    """The combination for the shared part, one tensor per input (z's or the parameters')."""
+
+    inputs: tuple[Tensor, ...]
+    update: list[Tensor | None]
+    weights: Tensor | None
+    norms: Tensor
+    cosines: Tensor
+
+
+def _shared_update(
+    method: Method, prepared: _Prepared, inputs: tuple[Tensor, ...], mode: JacobianMode
+) -> _SharedUpdate:
+    num_tasks = prepared.weighted.numel()
+    blocks = task_jacobian(prepared.weighted, inputs, mode)
+    if all(block is None for block in blocks):
+        raise InvalidLossError(
+            f"no task loss depends on the {_describe(method)}: pass the tensors the heads read"
+        )
+    if method.requires is Requirement.GRAMIAN:
+        gram = gramian(blocks, num_tasks)
+        norms, cosines = _norms_and_cosines(gram)
+        _check_reachable(method, prepared.losses, norms, inputs)
+        weights = method.shared_weights(prepared.weighted.detach(), gram).detach()
+        _check_weights(method, weights, num_tasks)
+        return _SharedUpdate(inputs, combine(weights, blocks), weights, norms, cosines)
+    matrix = torch.cat(
+        [
+            torch.zeros(num_tasks, t.numel(), dtype=t.dtype, device=t.device)
+            if b is None
+            else b.reshape(num_tasks, -1)
+            for t, b in zip(inputs, blocks, strict=True)
+        ],
+        dim=1,
+    )
+    norms, cosines = _norms_and_cosines(matrix @ matrix.T)
+    _check_reachable(method, prepared.losses, norms, inputs)
+    flat = method.aggregate(prepared.weighted.detach(), matrix).detach()
+    if flat.shape != (matrix.shape[1],) or not torch.isfinite(flat).all():
+        raise RuntimeError(f"{type(method).__name__}.aggregate returned a bad update")
+    update: list[Tensor | None] = [
+        part.view_as(t)
+        for part, t in zip(flat.split([t.numel() for t in inputs]), inputs, strict=True)
+    ]
+    return _SharedUpdate(inputs, update, None, norms, cosines)
+
+
+def _describe(method: Method) -> str:
+    return "features z" if method.level == "feature" else "shared parameters"
+
+
+def _norms_and_cosines(gram: Tensor) -> tuple[Tensor, Tensor]:
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    outer = norms[:, None] * norms[None, :]
+    cosines = torch.where(outer > 0, gram / outer.clamp_min(torch.finfo(gram.dtype).tiny), 0.0)
+    return norms.detach(), cosines.detach()
+
+
+def _check_reachable(
+    method: Method, losses: TaskLosses, norms: Tensor, inputs: tuple[Tensor, ...]
+) -> None:
+    """A zero gradient is legitimate; a task whose loss never reaches the inputs is a bug."""
+    for index in (norms == 0).nonzero().flatten().tolist():
+        if not reaches(losses.tensors[index], inputs):
+            name = losses.names[index]
+            raise InvalidLossError(
+                f"the loss of task '{name}' does not depend on the {_describe(method)}",
+                task=name,
+            )
+
+
+def _check_weights(method: Method, weights: Tensor, num_tasks: int) -> None:
+    if weights.shape != (num_tasks,) or not torch.isfinite(weights).all():
+        raise RuntimeError(
+            f"{type(method).__name__} produced invalid weights {weights.tolist()} "
+            f"(expected {num_tasks} finite numbers)"
+        )
+
+
+def _features(method: Method, features: Tensor | Sequence[Tensor] | None) -> tuple[Tensor, ...]:
+    if features is None:
+        raise ValueError(
+            f"{type(method).__name__}(level='feature') needs the shared representation: call "
+            "backward(losses, features=z) with z the trunk's output that the heads read, or "
+            "construct the method with level='parameter' and pass shared=<trunk parameters>"
+        )
+    if isinstance(features, Tensor):
+        features = (features,)
+    for i, z in enumerate(features):
+        if not isinstance(z, Tensor):
+            raise TypeError(f"features: item {i} is a {type(z).__name__}, not a tensor")
+        if not z.requires_grad:
+            raise ValueError(
+                f"features: item {i} (shape {tuple(z.shape)}) does not require grad; pass the "
+                "trunk's output as computed, not a detached copy"
+            )
+    return tuple(features)
+
+
+def _shared_params(
+    method: Method, shared: nn.Module | Iterable[Tensor] | Tensor | None
+) -> tuple[Tensor, ...]:
+    if shared is None:
+        raise ValueError(
+            f"{type(method).__name__}(level='parameter') needs the shared parameters: call "
+            "backward(losses, shared=model.trunk) (a module or an iterable of parameters)"
+        )
+    return unique_tensors(shared, "shared parameters")
+
+
+def _info(method: Method, prepared: _Prepared, update: _SharedUpdate | None) -> StepInfo:
+    return StepInfo(
+        tasks=prepared.losses.names,
+        losses=prepared.losses.values.detach(),
+        loss_weights=prepared.loss_weights.detach(),
+        gradient_weights=None if update is None else update.weights,
+        grad_norms=None if update is None else update.norms,
+        cosines=None if update is None else update.cosines,
+        level=method.level,
+    )
+
+
+def backward(
+    method: Method,
+    losses: LossesLike,
+    shared: nn.Module | Iterable[Tensor] | None = None,
+    features: Tensor | Sequence[Tensor] | None = None,
+    *,
+    jacobian_mode: JacobianMode = "auto",
+    retain_graph: bool = False,
+) -> StepInfo:
+    """Fill ``.grad`` for one step of ``method``: the drop-in for ``sum(losses).backward()``.
+
+    Args:
+        method: the balancing method.
+        losses: ``{task name: scalar loss}`` or a sequence of scalar losses.
+        shared: the shared parameters (a module or an iterable of tensors); needed at
+            parameter level only.
+        features: the shared representation z that every head reads (a tensor or a tuple of
+            tensors); needed at feature level only. It must be the only path from the shared
+            parameters to the losses.
+        jacobian_mode: how per-task gradients are computed, see
+            :func:`taskbalance.engine.task_jacobian`.
+        retain_graph: keep the graph after the final backward.
+
+    Returns:
+        A :class:`StepInfo` with the losses, weights, gradient norms and cosines.
+
+    Raises:
+        InvalidLossError: a loss that is not a finite scalar requiring grad, or that does not
+            depend on the shared part (the message names the task).
+        NonFiniteLossError: a NaN or infinite loss; nothing is back-propagated.
+
+    >>> import torch, taskbalance
+    >>> trunk = torch.nn.Linear(4, 3)
+    >>> heads = torch.nn.ModuleList(torch.nn.Linear(3, 1) for _ in range(2))
+    >>> z = trunk(torch.randn(8, 4))
+    >>> losses = {f"t{i}": head(z).pow(2).mean() for i, head in enumerate(heads)}
+    >>> info = taskbalance.IMTLG().backward(losses, features=z)
+    >>> float(info.gradient_weights.sum())
+    1.0
+    """
+    prepared = _prepare(method, losses)
+    if method.requires is Requirement.LOSSES:
+        prepared.total.backward(retain_graph=retain_graph)
+        return _info(method, prepared, None)
+    if method.level == "feature":
+        update = _shared_update(method, prepared, _features(method, features), jacobian_mode)
+        handles = [
+            z.register_hook(lambda _grad, new=new: new)
+            for z, new in zip(update.inputs, update.update, strict=True)
+            if new is not None
+        ]
+        try:
+            prepared.total.backward(retain_graph=retain_graph)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return _info(method, prepared, update)
+    params = _shared_params(method, shared)
+    update = _shared_update(method, prepared, params, jacobian_mode)
+    others = leaf_tensors([prepared.total], exclude=params)
+    if others:
+        torch.autograd.backward(prepared.total, inputs=others, retain_graph=retain_graph)
+    for param, grad in zip(params, update.update, strict=True):
+        if grad is None:
+            continue
+        if param.grad is None:
+            param.grad = grad
+        else:
+            param.grad.add_(grad)
+    return _info(method, prepared, update)
+
+
+def gradients(
+    method: Method,
+    losses: LossesLike,
+    shared: nn.Module | Iterable[Tensor],
+    features: Tensor | Sequence[Tensor] | None = None,
+    *,
+    jacobian_mode: JacobianMode = "auto",
+) -> tuple[tuple[Tensor | None, ...], StepInfo]:
+    """The method's combined gradient of the shared parameters, without touching ``.grad``.
+
+    The functional form of :func:`backward`: the heads and the method's own parameters get
+    nothing, and the graph is retained (the caller owns it).
+
+    Returns:
+        One gradient per shared parameter (``None`` where no task depends on it), and the
+        :class:`StepInfo`.
+
+    >>> import torch, taskbalance
+    >>> w = torch.ones(2, requires_grad=True)
+    >>> grads, _ = taskbalance.EW().gradients([w.sum(), (3 * w).sum()], shared=[w])
+    >>> grads[0]
+    tensor([4., 4.])
+    """
+    params = _shared_params(method, shared)
+    prepared = _prepare(method, losses)
+    if method.requires is Requirement.LOSSES:
+        grads = torch.autograd.grad(prepared.total, params, retain_graph=True, allow_unused=True)
+        return tuple(grads), _info(method, prepared, None)
+    if method.level == "feature":
+        update = _shared_update(method, prepared, _features(method, features), jacobian_mode)
+        used = [(z, g) for z, g in zip(update.inputs, update.update, strict=True) if g is not None]
+        grads = torch.autograd.grad(
+            [z for z, _ in used],
+            params,
+            grad_outputs=[g for _, g in used],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        return tuple(grads), _info(method, prepared, update)
+    update = _shared_update(method, prepared, params, jacobian_mode)
+    return tuple(update.update), _info(method, prepared, update)

@@ -1,0 +1,26 @@
+"""The gradient engine: the only code in taskbalance that calls autograd.
+
+From T task losses it computes exactly what a method declares it needs: nothing beyond the
+losses, the Gramian ``K = G G^T`` of the per-task gradients, or the Jacobian ``G`` itself, with
+``G`` taken w.r.t. the shared parameters (parameter level) or the shared representation z
+(feature level).
+"""
+
+from taskbalance.engine.graph import leaf_tensors, reaches
+from taskbalance.engine.jacobian import JacobianMode, combine, gramian, task_jacobian
+from taskbalance.engine.losses import TaskLosses, collect_losses, unique_tensors
+from taskbalance.engine.requirement import Level, Requirement
+
+__all__ = [
+    "JacobianMode",
+    "Level",
+    "Requirement",
+    "TaskLosses",
+    "collect_losses",
+    "combine",
+    "gramian",
+    "leaf_tensors",
+    "reaches",
+    "task_jacobian",
+    "unique_tensors",
+]

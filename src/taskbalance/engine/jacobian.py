@@ -1,0 +1,129 @@
+"""Per-task gradients: the one place where the Jacobian and its Gramian are formed.
+
+The Jacobian is kept as one block per input tensor, ``block[t] = d loss_t / d input`` of shape
+``(T, *input.shape)``, exactly as autograd returns it: no ``T x n`` concatenation is made for
+methods that need only the Gramian ``K = sum_blocks B B^T`` or a weighted sum of the rows.
+A future distributed all-reduce of the Jacobian (or of the Gramian) belongs here and only here.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+JacobianMode = Literal["auto", "batched", "loop"]
+Blocks = list[Tensor | None]
+
+_warned_fallback = False
+
+
+def task_jacobian(outputs: Tensor, inputs: Sequence[Tensor], mode: JacobianMode = "auto") -> Blocks:
+    """The gradient of every task loss w.r.t. every input, one block per input.
+
+    Args:
+        outputs: the T task losses, a vector of shape ``(T,)`` in the graph.
+        inputs: the tensors to differentiate with respect to (shared parameters, or the
+            shared representation z).
+        mode: ``"batched"`` differentiates all T losses in one vectorised backward
+            (``torch.autograd.grad(..., is_grads_batched=True)``); ``"loop"`` runs T ordinary
+            backward passes; ``"auto"`` tries the batched call and, where an operation of the
+            model has no batching rule, warns once and falls back to the loop.
+
+    Returns:
+        For each input, a tensor of shape ``(T, *input.shape)``, or ``None`` when no task
+        depends on that input. The graph is retained for the caller's later backward.
+
+    >>> x = torch.ones(3, requires_grad=True)
+    >>> task_jacobian(torch.stack([x.sum(), (2 * x).sum()]), [x])[0]
+    tensor([[1., 1., 1.],
+            [2., 2., 2.]])
+    """
+    if mode not in ("auto", "batched", "loop"):
+        raise ValueError(f"jacobian mode must be 'auto', 'batched' or 'loop', got {mode!r}")
+    if mode != "loop":
+        try:
+            return _batched(outputs, inputs)
+        except RuntimeError as error:
+            if mode == "batched":
+                raise
+            _warn_fallback(error)
+    return _loop(outputs, inputs)
+
+
+def _batched(outputs: Tensor, inputs: Sequence[Tensor]) -> Blocks:
+    basis = torch.eye(outputs.numel(), dtype=outputs.dtype, device=outputs.device)
+    grads = torch.autograd.grad(
+        outputs,
+        inputs,
+        grad_outputs=basis,
+        retain_graph=True,
+        allow_unused=True,
+        is_grads_batched=True,
+    )
+    return list(grads)
+
+
+def _loop(outputs: Tensor, inputs: Sequence[Tensor]) -> Blocks:
+    blocks: Blocks = [None] * len(inputs)
+    for task, output in enumerate(outputs.unbind()):
+        grads = torch.autograd.grad(output, inputs, retain_graph=True, allow_unused=True)
+        for i, grad in enumerate(grads):
+            if grad is None:
+                continue
+            if blocks[i] is None:
+                blocks[i] = grad.new_zeros((outputs.numel(), *grad.shape))
+            blocks[i][task] = grad
+    return blocks
+
+
+def _warn_fallback(error: RuntimeError) -> None:
+    global _warned_fallback
+    if not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(
+            "taskbalance: the batched per-task backward failed, so per-task gradients are "
+            f"computed by a loop of backward passes from now on (slower). Cause: {error}. "
+            "Pass jacobian_mode='loop' to silence this warning.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def gramian(blocks: Blocks, num_tasks: int) -> Tensor:
+    """``K = G G^T`` from the Jacobian's blocks, summed block by block (no concatenation).
+
+    Computed in float32 at least (half-precision gradients are upcast), because the methods'
+    solves are ill-conditioned in half precision.
+
+    >>> gramian([torch.tensor([[1.0, 0.0], [1.0, 1.0]])], 2)
+    tensor([[1., 1.],
+            [1., 2.]])
+    """
+    result: Tensor | None = None
+    for block in blocks:
+        if block is None:
+            continue
+        rows = block.reshape(num_tasks, -1)
+        if rows.dtype in (torch.float16, torch.bfloat16):
+            rows = rows.float()
+        product = rows @ rows.T
+        result = product if result is None else result + product
+    if result is None:
+        raise ValueError("no task depends on any of the inputs: the Jacobian is empty")
+    return result
+
+
+def combine(weights: Tensor, blocks: Blocks) -> list[Tensor | None]:
+    """The weighted sum of the task gradients, ``sum_t weights[t] * block[t]``, per block.
+
+    >>> combine(torch.tensor([1.0, 2.0]), [torch.tensor([[1.0, 0.0], [0.0, 1.0]]), None])
+    [tensor([1., 2.]), None]
+    """
+    return [
+        None if block is None else torch.tensordot(weights.to(block.dtype), block, dims=1)
+        for block in blocks
+    ]

@@ -1,0 +1,86 @@
+"""IMTL-L: impartial loss balance (Liu et al., "Towards Impartial Multi-task Learning",
+ICLR 2021, Sec. 3.1).
+
+Each task gets a learnable scale ``s_t`` (initialised to 0) and the scaled loss
+
+    L'_t = exp(s_t) L_t - s_t,      dL'_t / ds_t = exp(s_t) L_t - 1,
+
+so that at equilibrium every scaled loss ``exp(s_t) L_t`` is 1, whatever the scale of ``L_t``.
+Needs: the losses only (one backward). Memory: T scalars. The scales are parameters of this
+module: give them to the optimizer (``method.param_group()`` adds them without weight decay).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from taskbalance.errors import InvalidLossError
+from taskbalance.methods.base import Method
+from taskbalance.methods.registry import register
+
+_STALE_CALLS = 20
+"""Calls with gradients but unchanged scales after which we warn that nothing updates them."""
+
+
+@register
+class IMTLL(Method):
+    """IMTL-L: learnable loss scales that equalise the scaled losses.
+
+    Args:
+        tasks: the number of tasks or their names (required: one scale per task).
+
+    Raises:
+        InvalidLossError: on a loss <= 0, for which ``exp(s) L - s`` has no minimum.
+
+    >>> method = IMTLL(tasks=2)
+    >>> weights, offsets = method.loss_weights(torch.tensor([2.0, 0.5]))
+    >>> weights.tolist(), offsets.tolist()
+    ([1.0, 1.0], [-0.0, -0.0])
+    """
+
+    name = "imtl_l"
+    paper = "Liu et al., Towards Impartial Multi-task Learning, ICLR 2021"
+    stateful = True
+
+    def __init__(self, tasks: int | Sequence[str] | None = None) -> None:
+        super().__init__(tasks=tasks)
+        assert self.num_tasks is not None
+        self.scales = nn.Parameter(torch.zeros(self.num_tasks))
+        self._last_scales: Tensor | None = None
+        self._stale_calls = 0
+
+    def loss_weights(self, losses: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``w_t = exp(s_t)`` and ``c_t = -s_t``."""
+        nonpositive = (losses <= 0).nonzero().flatten().tolist()
+        if nonpositive:
+            listed = ", ".join(
+                f"'{self.task_label(i)}' = {losses[i].item():.4g}" for i in nonpositive
+            )
+            raise InvalidLossError(
+                f"{type(self).__name__} needs positive losses (exp(s) L - s has no minimum for "
+                f"L <= 0), got {listed}; shift such a loss by a constant or use another method",
+                task=self.task_label(nonpositive[0]),
+            )
+        self._watch_scales()
+        return torch.exp(self.scales), -self.scales
+
+    def _watch_scales(self) -> None:
+        """Warn once if the scales get gradients but never change: the classic bug is an
+        optimizer built without ``method.parameters()``."""
+        current = self.scales.detach()
+        if self._last_scales is not None and self.scales.grad is not None:
+            unchanged = torch.equal(current, self._last_scales) and bool(self.scales.grad.any())
+            self._stale_calls = self._stale_calls + 1 if unchanged else 0
+            if self._stale_calls == _STALE_CALLS:
+                warnings.warn(
+                    f"{type(self).__name__}: the loss scales have received gradients for "
+                    f"{_STALE_CALLS} steps but never changed; add method.parameters() (or "
+                    "method.param_group()) to your optimizer",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        self._last_scales = current.clone()

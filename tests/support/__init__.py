@@ -1,0 +1,1 @@
+"""Shared test helpers: matrix samplers and small multi-task models."""

@@ -1,0 +1,221 @@
+"""One call in the user's loop: what lands in .grad, at each level, and on bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import taskbalance
+from support.models import SharedBottom, batch, grads
+from support.samplers import unit_rows
+from taskbalance import EW, IMTLG, InvalidLossError, NonFiniteLossError, imtl_g_weights
+
+
+def _plain_backward_grads(num_tasks: int, seed: int = 0):
+    model = SharedBottom(num_tasks, seed=seed)
+    losses, _ = model.losses(*batch(num_tasks))
+    sum(losses.values()).backward()
+    return grads(model)
+
+
+@pytest.mark.parametrize("num_tasks", [1, 3])
+def test_ew_sum_equals_a_plain_backward(num_tasks):
+    model = SharedBottom(num_tasks)
+    losses, _ = model.losses(*batch(num_tasks))
+    info = EW().backward(losses)
+    for ours, plain in zip(grads(model), _plain_backward_grads(num_tasks), strict=True):
+        torch.testing.assert_close(ours, plain)
+    assert info.grad_norms is None and info.weights.tolist() == [1.0] * num_tasks
+
+
+def test_ew_mean_halves_the_gradient_for_two_tasks():
+    model = SharedBottom(2)
+    losses, _ = model.losses(*batch(2))
+    EW(reduction="mean").backward(losses)
+    for ours, plain in zip(grads(model), _plain_backward_grads(2), strict=True):
+        torch.testing.assert_close(ours, plain / 2)
+
+
+@pytest.mark.parametrize("mode", ["batched", "loop"])
+@pytest.mark.parametrize("num_tasks", [2, 3, 6])
+def test_feature_level_update_projects_equally_on_unit_z_gradients(num_tasks, mode):
+    model = SharedBottom(num_tasks, seed=num_tasks)
+    losses, z = model.losses(*batch(num_tasks))
+    z_jacobian = torch.stack(
+        [torch.autograd.grad(loss, z, retain_graph=True)[0].flatten() for loss in losses.values()]
+    )
+    IMTLG().backward(losses, features=z, jacobian_mode=mode)
+    weights = imtl_g_weights(z_jacobian @ z_jacobian.T)
+    projections = unit_rows(z_jacobian) @ (weights @ z_jacobian)
+    torch.testing.assert_close(projections, projections.mean().expand(num_tasks), rtol=1e-9, atol=0)
+    # ... and check that the trunk really received J_trunk^T (sum_t a_t dL_t/dz):
+    model_check = SharedBottom(num_tasks, seed=num_tasks)
+    _, z2 = model_check.losses(*batch(num_tasks))
+    z2.backward((weights @ z_jacobian).view_as(z2))
+    for ours, expected in zip(
+        model.trunk.parameters(), model_check.trunk.parameters(), strict=True
+    ):
+        torch.testing.assert_close(ours.grad, expected.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["batched", "loop"])
+@pytest.mark.parametrize("num_tasks", [2, 4, 8])
+def test_parameter_level_update_projects_equally_on_unit_parameter_gradients(num_tasks, mode):
+    model = SharedBottom(num_tasks, seed=num_tasks)
+    losses, _ = model.losses(*batch(num_tasks))
+    shared = list(model.trunk.parameters())
+    jacobian = torch.stack(
+        [
+            torch.cat([g.flatten() for g in torch.autograd.grad(loss, shared, retain_graph=True)])
+            for loss in losses.values()
+        ]
+    )
+    info = IMTLG(level="parameter").backward(losses, shared=model.trunk, jacobian_mode=mode)
+    update = torch.cat([p.grad.flatten() for p in shared])
+    projections = unit_rows(jacobian) @ update
+    torch.testing.assert_close(projections, projections.mean().expand(num_tasks), rtol=1e-9, atol=0)
+    torch.testing.assert_close(info.grad_norms, jacobian.norm(dim=1))
+    torch.testing.assert_close(info.cosines, unit_rows(jacobian) @ unit_rows(jacobian).T)
+
+
+@pytest.mark.parametrize("level", ["feature", "parameter"])
+def test_heads_receive_the_gradient_of_a_plain_backward(level):
+    model = SharedBottom(3)
+    losses, z = model.losses(*batch(3))
+    IMTLG(level=level).backward(losses, shared=model.trunk, features=z)
+    plain = SharedBottom(3)
+    plain_losses, _ = plain.losses(*batch(3))
+    sum(plain_losses.values()).backward()
+    for ours, expected in zip(model.heads.parameters(), plain.heads.parameters(), strict=True):
+        torch.testing.assert_close(ours.grad, expected.grad)
+
+
+def test_feature_and_parameter_level_agree_for_a_linear_trunk_on_one_sample():
+    # With z = W x for a single sample x, dL/dW = (dL/dz) x^T, so K_W = ||x||^2 K_z: same weights.
+    results = []
+    for level in ("feature", "parameter"):
+        model = SharedBottom(3, linear_trunk=True)
+        losses, z = model.losses(*batch(3, size=1))
+        info = IMTLG(level=level).backward(losses, shared=model.trunk, features=z)
+        results.append((info.gradient_weights, grads(model)))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-12)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_grad_accumulates_like_tensor_backward():
+    once, twice = SharedBottom(3), SharedBottom(3)
+    losses, _ = once.losses(*batch(3))
+    IMTLG(level="parameter").backward(losses, shared=once.trunk)
+    for _ in range(2):
+        losses, _ = twice.losses(*batch(3))
+        IMTLG(level="parameter").backward(losses, shared=twice.trunk)
+    for a, b in zip(grads(once), grads(twice), strict=True):
+        torch.testing.assert_close(2 * a, b)
+
+
+@pytest.mark.parametrize("level", ["feature", "parameter"])
+def test_functional_form_returns_what_backward_writes_and_leaves_grad_alone(level):
+    model = SharedBottom(3)
+    losses, z = model.losses(*batch(3))
+    method = IMTLG(level=level)
+    returned, info = method.gradients(losses, shared=model.trunk, features=z)
+    assert all(p.grad is None for p in model.parameters())
+    method.backward(losses, shared=model.trunk, features=z)
+    for grad, param in zip(returned, model.trunk.parameters(), strict=True):
+        torch.testing.assert_close(grad, param.grad)
+    assert info.gradient_weights.sum().item() == pytest.approx(1.0)
+
+
+def test_module_level_backward_matches_the_method_call():
+    model, twin = SharedBottom(2), SharedBottom(2)
+    losses, z = model.losses(*batch(2))
+    taskbalance.backward(IMTLG(), losses, features=z)
+    losses, z = twin.losses(*batch(2))
+    IMTLG().backward(losses, features=z)
+    for a, b in zip(grads(model), grads(twin), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+
+def test_nan_loss_raises_before_touching_grad():
+    model = SharedBottom(2)
+    losses, z = model.losses(*batch(2))
+    losses["task1"] = losses["task1"] * float("nan")
+    with pytest.raises(NonFiniteLossError, match="'task1' = nan"):
+        IMTLG().backward(losses, features=z)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("level", ["feature", "parameter"])
+def test_a_loss_without_path_to_the_shared_part_is_named(level):
+    model = SharedBottom(2)
+    losses, z = model.losses(*batch(2))
+    losses["orphan"] = model.heads[0].bias.pow(2).sum() + 1.0
+    with pytest.raises(InvalidLossError, match="task 'orphan' does not depend on the") as caught:
+        IMTLG(level=level).backward(losses, shared=model.trunk, features=z)
+    assert caught.value.task == "orphan"
+
+
+def test_features_that_no_loss_uses_are_an_error():
+    model = SharedBottom(2)
+    losses, _ = model.losses(*batch(2))
+    unrelated = torch.ones(3, requires_grad=True) * 2
+    with pytest.raises(InvalidLossError, match="no task loss depends on the features"):
+        IMTLG().backward(losses, features=unrelated)
+
+
+def test_detached_features_are_an_error():
+    model = SharedBottom(2)
+    losses, z = model.losses(*batch(2))
+    with pytest.raises(ValueError, match="does not require grad"):
+        IMTLG().backward(losses, features=z.detach())
+
+
+def test_missing_features_or_shared_say_what_to_pass():
+    model = SharedBottom(2)
+    losses, _ = model.losses(*batch(2))
+    with pytest.raises(ValueError, match="needs the shared representation: call backward"):
+        IMTLG().backward(losses)
+    with pytest.raises(ValueError, match="needs the shared parameters"):
+        IMTLG(level="parameter").backward(losses)
+
+
+def test_shared_parameters_given_twice_are_an_error():
+    model = SharedBottom(2)
+    losses, _ = model.losses(*batch(2))
+    shared = [*model.trunk.parameters(), next(iter(model.trunk.parameters()))]
+    with pytest.raises(ValueError, match="given twice"):
+        IMTLG(level="parameter").backward(losses, shared=shared)
+
+
+def test_task_names_are_fixed_by_the_first_dict():
+    method = IMTLG()
+    model = SharedBottom(2)
+    losses, z = model.losses(*batch(2))
+    method.backward(losses, features=z)
+    losses, z = model.losses(*batch(2))
+    renamed = {"x": losses["task0"], "y": losses["task1"]}
+    with pytest.raises(InvalidLossError, match="the tasks changed"):
+        method.backward(renamed, features=z)
+
+
+def test_dict_order_does_not_matter_once_the_names_are_fixed():
+    method = IMTLG()
+    model = SharedBottom(3)
+    losses, z = model.losses(*batch(3))
+    first = method.backward(losses, features=z)
+    losses, z = model.losses(*batch(3))
+    second = method.backward(dict(reversed(losses.items())), features=z)
+    assert second.tasks == first.tasks
+    torch.testing.assert_close(second.gradient_weights, first.gradient_weights)
+
+
+def test_degenerate_identical_tasks_give_finite_equal_weights():
+    model = SharedBottom(1)
+    losses, z = model.losses(*batch(1))
+    duplicated = {"a": losses["task0"], "b": losses["task0"] * 1.0}
+    info = IMTLG().backward(duplicated, features=z)
+    torch.testing.assert_close(info.gradient_weights, torch.tensor([0.5, 0.5], dtype=torch.float64))

@@ -219,3 +219,27 @@ def test_degenerate_identical_tasks_give_finite_equal_weights():
     duplicated = {"a": losses["task0"], "b": losses["task0"] * 1.0}
     info = IMTLG().backward(duplicated, features=z)
     torch.testing.assert_close(info.gradient_weights, torch.tensor([0.5, 0.5], dtype=torch.float64))
+
+
+def test_task_gradients_give_per_task_blocks_and_train_only_the_rest():
+    model = SharedBottom(3)
+    losses, _ = model.losses(*batch(3))
+    shared = list(model.trunk.parameters())
+    expected = [torch.autograd.grad(loss, shared, retain_graph=True) for loss in losses.values()]
+    blocks, info = taskbalance.task_gradients(EW(), losses, shared=model.trunk)
+    for i, block in enumerate(blocks):
+        torch.testing.assert_close(block, torch.stack([grads_t[i] for grads_t in expected]))
+    assert all(p.grad is None for p in shared)
+    plain = SharedBottom(3)
+    plain_losses, _ = plain.losses(*batch(3))
+    sum(plain_losses.values()).backward()
+    for ours, ref in zip(model.heads.parameters(), plain.heads.parameters(), strict=True):
+        torch.testing.assert_close(ours.grad, ref.grad)
+    assert info.grad_norms.shape == (3,)
+
+
+def test_task_gradients_refuse_gradient_level_methods():
+    model = SharedBottom(2)
+    losses, _ = model.losses(*batch(2))
+    with pytest.raises(ValueError, match="loss-level methods only; IMTLG"):
+        taskbalance.task_gradients(IMTLG(), losses, shared=model.trunk)

@@ -9,7 +9,7 @@ Replace ``sum(losses).backward()`` by one call::
     optimizer.step()
 """
 
-from taskbalance.apply import StepInfo, backward, gradients
+from taskbalance.apply import StepInfo, backward, gradients, task_gradients
 from taskbalance.engine.requirement import Level, Requirement
 from taskbalance.errors import InvalidLossError, NonFiniteLossError
 from taskbalance.methods import (
@@ -43,4 +43,5 @@ __all__ = [
     "hyperparameters",
     "imtl_g_weights",
     "list_methods",
+    "task_gradients",
 ]

@@ -214,6 +214,13 @@ def _shared_params(
     return unique_tensors(shared, "shared parameters")
 
 
+def _backward_except(prepared: _Prepared, shared: tuple[Tensor, ...], retain_graph: bool) -> None:
+    """The ordinary backward of ``sum_t L'_t`` into every leaf except the shared ones."""
+    others = leaf_tensors([prepared.total], exclude=shared)
+    if others:
+        torch.autograd.backward(prepared.total, inputs=others, retain_graph=retain_graph)
+
+
 def _info(method: Method, prepared: _Prepared, update: _SharedUpdate | None) -> StepInfo:
     return StepInfo(
         tasks=prepared.losses.names,
@@ -285,9 +292,7 @@ def backward(
         return _info(method, prepared, update)
     params = _shared_params(method, shared)
     update = _shared_update(method, prepared, params, jacobian_mode)
-    others = leaf_tensors([prepared.total], exclude=params)
-    if others:
-        torch.autograd.backward(prepared.total, inputs=others, retain_graph=retain_graph)
+    _backward_except(prepared, params, retain_graph)
     for param, grad in zip(params, update.update, strict=True):
         if grad is None:
             continue
@@ -339,3 +344,54 @@ def gradients(
         return tuple(grads), _info(method, prepared, update)
     update = _shared_update(method, prepared, params, jacobian_mode)
     return tuple(update.update), _info(method, prepared, update)
+
+
+def task_gradients(
+    method: Method,
+    losses: LossesLike,
+    shared: nn.Module | Iterable[Tensor],
+    *,
+    jacobian_mode: JacobianMode = "auto",
+    retain_graph: bool = False,
+) -> tuple[list[Tensor | None], StepInfo]:
+    """Per-task gradients of the shared parameters, for optimizers with per-task state.
+
+    The method's loss level applies (the gradients are those of ``w_t L_t``), and everything
+    that is not shared (heads, the method's own parameters) receives the ordinary gradient of
+    ``sum_t L'_t`` in ``.grad``; the shared parameters' ``.grad`` is left untouched.
+
+    Args:
+        method: a loss-level method (``Requirement.LOSSES``), e.g. ``EW()`` or ``IMTLL(...)``.
+        losses, shared, jacobian_mode, retain_graph: as in :func:`backward`.
+
+    Returns:
+        One block per shared parameter, ``block[t] = grad of w_t L_t`` of shape
+        ``(T, *param.shape)`` (``None`` where no task depends on the parameter), and the
+        :class:`StepInfo` (with the per-task gradient norms; no cosines).
+
+    >>> import torch, taskbalance
+    >>> w = torch.ones(2, requires_grad=True)
+    >>> blocks, _ = taskbalance.task_gradients(taskbalance.EW(), [w.sum(), (3 * w).sum()], [w])
+    >>> blocks[0]
+    tensor([[1., 1.],
+            [3., 3.]])
+    """
+    if method.requires is not Requirement.LOSSES:
+        raise ValueError(
+            f"task_gradients composes with loss-level methods only; {type(method).__name__} "
+            "weights gradients itself"
+        )
+    params = _shared_params(method, shared)
+    prepared = _prepare(method, losses)
+    blocks = task_jacobian(prepared.weighted, params, jacobian_mode)
+    num_tasks = prepared.weighted.numel()
+    squares = sum(b.reshape(num_tasks, -1).pow(2).sum(dim=1) for b in blocks if b is not None)
+    if not isinstance(squares, Tensor):
+        raise InvalidLossError("no task loss depends on the shared parameters")
+    norms = squares.sqrt().detach()
+    _check_reachable(method, prepared.losses, norms, params)
+    _backward_except(prepared, params, retain_graph)
+    info = _info(method, prepared, None)
+    return blocks, StepInfo(
+        info.tasks, info.losses, info.loss_weights, None, norms, None, info.level
+    )

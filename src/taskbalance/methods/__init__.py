@@ -1,4 +1,11 @@
-"""The balancing methods, one per module, each registered under its snake-case name."""
+"""The balancing methods, one per module, each registered under its snake-case name.
+
+Every module of this package is imported here, so that its ``@register`` runs and
+:func:`get_method` knows every method without a hand-kept list.
+"""
+
+import importlib
+import pkgutil
 
 from taskbalance.methods.base import Method
 from taskbalance.methods.ew import EW
@@ -18,3 +25,6 @@ __all__ = [
     "imtl_g_weights",
     "list_methods",
 ]
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -83,10 +83,18 @@ class _Prepared:
 
     losses: TaskLosses
     loss_weights: Tensor
-    weighted: Tensor
-    """``w_t L_t``, in the graph: what per-task gradients are taken of."""
     total: Tensor
     """``sum_t L'_t``: what everything that is not shared is trained on."""
+
+    def weighted_values(self) -> Tensor:
+        """``w_t L_t``, detached: the losses a gradient-level method is shown."""
+        return (self.loss_weights * self.losses.values).detach()
+
+    def weighted_tasks(self) -> list[Tensor]:
+        """``w_t L_t`` task by task, each in its own task's graph only (no stack that would
+        tie every task's backward to every head): what per-task gradients are taken of."""
+        pairs = zip(self.loss_weights.unbind(), self.losses.tensors, strict=True)
+        return [weight * loss.reshape(()) for weight, loss in pairs]
 
 
 def _prepare(method: Method, losses: LossesLike) -> _Prepared:
@@ -98,9 +106,9 @@ def _prepare(method: Method, losses: LossesLike) -> _Prepared:
             f"{type(method).__name__}.loss_weights returned shape {tuple(loss_weights.shape)} "
             f"for {checked.values.numel()} tasks"
         )
-    weighted = loss_weights * checked.values
-    total = weighted.sum() if offsets is None else (weighted + offsets).sum()
-    return _Prepared(checked, loss_weights, weighted, total)
+    scaled = loss_weights * checked.values
+    total = scaled.sum() if offsets is None else (scaled + offsets).sum()
+    return _Prepared(checked, loss_weights, total)
 
 
 @dataclass
@@ -117,8 +125,8 @@ class _SharedUpdate:
 def _shared_update(
     method: Method, prepared: _Prepared, inputs: tuple[Tensor, ...], mode: JacobianMode
 ) -> _SharedUpdate:
-    num_tasks = prepared.weighted.numel()
-    blocks = task_jacobian(prepared.weighted, inputs, mode)
+    num_tasks = len(prepared.losses.names)
+    blocks = task_jacobian(prepared.weighted_tasks(), inputs, mode)
     if all(block is None for block in blocks):
         raise InvalidLossError(
             f"no task loss depends on the {_describe(method)}: pass the tensors the heads read"
@@ -127,7 +135,7 @@ def _shared_update(
         gram = gramian(blocks, num_tasks)
         norms, cosines = _norms_and_cosines(gram)
         _check_reachable(method, prepared.losses, norms, inputs)
-        weights = method.shared_weights(prepared.weighted.detach(), gram).detach()
+        weights = method.shared_weights(prepared.weighted_values(), gram).detach()
         _check_weights(method, weights, num_tasks)
         return _SharedUpdate(inputs, combine(weights, blocks), weights, norms, cosines)
     matrix = torch.cat(
@@ -141,7 +149,7 @@ def _shared_update(
     )
     norms, cosines = _norms_and_cosines(matrix @ matrix.T)
     _check_reachable(method, prepared.losses, norms, inputs)
-    flat = method.aggregate(prepared.weighted.detach(), matrix).detach()
+    flat = method.aggregate(prepared.weighted_values(), matrix).detach()
     if flat.shape != (matrix.shape[1],) or not torch.isfinite(flat).all():
         raise RuntimeError(f"{type(method).__name__}.aggregate returned a bad update")
     update: list[Tensor | None] = [
@@ -383,8 +391,8 @@ def task_gradients(
         )
     params = _shared_params(method, shared)
     prepared = _prepare(method, losses)
-    blocks = task_jacobian(prepared.weighted, params, jacobian_mode)
-    num_tasks = prepared.weighted.numel()
+    blocks = task_jacobian(prepared.weighted_tasks(), params, jacobian_mode)
+    num_tasks = len(prepared.losses.names)
     squares = sum(b.reshape(num_tasks, -1).pow(2).sum(dim=1) for b in blocks if b is not None)
     if not isinstance(squares, Tensor):
         raise InvalidLossError("no task loss depends on the shared parameters")

@@ -25,20 +25,20 @@ def _explicit(losses, inputs):
 def test_jacobian_and_gramian_equal_an_explicit_loop(mode, level):
     model = SharedBottom(num_tasks=4)
     losses, z = model.losses(*batch(4))
-    values = torch.stack(list(losses.values()))
+    values = list(losses.values())
     inputs = list(model.trunk.parameters()) if level == "parameter" else [z]
     blocks = task_jacobian(values, inputs, mode)
     flat = torch.cat([b.reshape(4, -1) for b in blocks], dim=1)
-    expected = _explicit(values.unbind(), inputs)
+    expected = _explicit(values, inputs)
     torch.testing.assert_close(flat, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(gramian(blocks, 4), expected @ expected.T, rtol=1e-12, atol=1e-12)
 
 
 def test_unused_input_gives_none():
     used, unused = torch.ones(2, requires_grad=True), torch.ones(3, requires_grad=True)
-    blocks = task_jacobian(torch.stack([used.sum(), 2 * used.sum()]), [used, unused], "loop")
-    assert blocks[1] is None
-    assert task_jacobian(torch.stack([used.sum(), 2 * used.sum()]), [used, unused])[1] is None
+    for mode in ("loop", "batched"):
+        blocks = task_jacobian([used.sum(), 2 * used.sum()], [used, unused], mode)
+        assert blocks[0] is not None and blocks[1] is None
 
 
 def test_combine_is_the_weighted_sum_of_rows():
@@ -60,7 +60,8 @@ def test_auto_mode_falls_back_to_the_loop_with_one_warning(monkeypatch):
     monkeypatch.setattr(jacobian_module, "_batched", no_batching)
     monkeypatch.setattr(jacobian_module, "_warned_fallback", False)
     x = torch.ones(3, requires_grad=True)
-    outputs = torch.stack([x.sum(), (x * x).sum()])
+    outputs = [x.sum(), (x * x).sum()]
+    monkeypatch.setattr(jacobian_module, "_batching_pays_off", lambda device: True)
     with pytest.warns(RuntimeWarning, match="Batching rule not implemented"):
         first = task_jacobian(outputs, [x], "auto")
     with warnings.catch_warnings():
@@ -71,7 +72,16 @@ def test_auto_mode_falls_back_to_the_loop_with_one_warning(monkeypatch):
         task_jacobian(outputs, [x], "batched")
 
 
+def test_auto_mode_uses_the_loop_on_cpu(monkeypatch):
+    def fail(outputs, inputs):
+        raise AssertionError("the batched path must not run on CPU in auto mode")
+
+    monkeypatch.setattr(jacobian_module, "_batched", fail)
+    x = torch.ones(2, requires_grad=True)
+    task_jacobian([x.sum()], [x], "auto")
+
+
 def test_rejects_an_unknown_mode():
     x = torch.ones(1, requires_grad=True)
     with pytest.raises(ValueError, match="'auto', 'batched' or 'loop'"):
-        task_jacobian(x * 1, [x], "vmap")
+        task_jacobian([x * 1], [x], "vmap")

@@ -21,30 +21,36 @@ Blocks = list[Tensor | None]
 _warned_fallback = False
 
 
-def task_jacobian(outputs: Tensor, inputs: Sequence[Tensor], mode: JacobianMode = "auto") -> Blocks:
+def task_jacobian(
+    outputs: Sequence[Tensor], inputs: Sequence[Tensor], mode: JacobianMode = "auto"
+) -> Blocks:
     """The gradient of every task loss w.r.t. every input, one block per input.
 
     Args:
-        outputs: the T task losses, a vector of shape ``(T,)`` in the graph.
+        outputs: the T task losses, each a scalar tensor with its own graph. Pass them
+            separately, not stacked: a stacked vector ties every task's backward to every
+            head, so each per-task pass would visit all T heads.
         inputs: the tensors to differentiate with respect to (shared parameters, or the
             shared representation z).
-        mode: ``"batched"`` differentiates all T losses in one vectorised backward
-            (``torch.autograd.grad(..., is_grads_batched=True)``); ``"loop"`` runs T ordinary
-            backward passes; ``"auto"`` tries the batched call and, where an operation of the
-            model has no batching rule, warns once and falls back to the loop.
+        mode: ``"loop"`` runs T ordinary backward passes, each visiting only its own task's
+            subgraph; ``"batched"`` differentiates all T losses in one vectorised backward
+            (``torch.autograd.grad(..., is_grads_batched=True)``), which visits every head T
+            times; ``"auto"`` is the loop on CPU, where it measured faster at every T
+            (benchmarks/step_time.py), and the batched call elsewhere, falling back to the
+            loop, with one warning, where an operation of the model has no batching rule.
 
     Returns:
         For each input, a tensor of shape ``(T, *input.shape)``, or ``None`` when no task
         depends on that input. The graph is retained for the caller's later backward.
 
     >>> x = torch.ones(3, requires_grad=True)
-    >>> task_jacobian(torch.stack([x.sum(), (2 * x).sum()]), [x])[0]
+    >>> task_jacobian([x.sum(), (2 * x).sum()], [x])[0]
     tensor([[1., 1., 1.],
             [2., 2., 2.]])
     """
     if mode not in ("auto", "batched", "loop"):
         raise ValueError(f"jacobian mode must be 'auto', 'batched' or 'loop', got {mode!r}")
-    if mode != "loop":
+    if mode == "batched" or (mode == "auto" and _batching_pays_off(outputs[0].device)):
         try:
             return _batched(outputs, inputs)
         except RuntimeError as error:
@@ -54,12 +60,18 @@ def task_jacobian(outputs: Tensor, inputs: Sequence[Tensor], mode: JacobianMode 
     return _loop(outputs, inputs)
 
 
-def _batched(outputs: Tensor, inputs: Sequence[Tensor]) -> Blocks:
-    basis = torch.eye(outputs.numel(), dtype=outputs.dtype, device=outputs.device)
+def _batching_pays_off(device: torch.device) -> bool:
+    """On CPU the loop measured faster than vmap; elsewhere batching saves kernel launches."""
+    return device.type != "cpu"
+
+
+def _batched(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> Blocks:
+    num_tasks = len(outputs)
+    basis = torch.eye(num_tasks, dtype=outputs[0].dtype, device=outputs[0].device)
     grads = torch.autograd.grad(
-        outputs,
+        [output.reshape(()) for output in outputs],
         inputs,
-        grad_outputs=basis,
+        grad_outputs=list(basis.unbind(dim=1)),
         retain_graph=True,
         allow_unused=True,
         is_grads_batched=True,
@@ -67,16 +79,23 @@ def _batched(outputs: Tensor, inputs: Sequence[Tensor]) -> Blocks:
     return list(grads)
 
 
-def _loop(outputs: Tensor, inputs: Sequence[Tensor]) -> Blocks:
-    blocks: Blocks = [None] * len(inputs)
-    for task, output in enumerate(outputs.unbind()):
-        grads = torch.autograd.grad(output, inputs, retain_graph=True, allow_unused=True)
-        for i, grad in enumerate(grads):
-            if grad is None:
-                continue
-            if blocks[i] is None:
-                blocks[i] = grad.new_zeros((outputs.numel(), *grad.shape))
-            blocks[i][task] = grad
+def _loop(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> Blocks:
+    per_task = [
+        torch.autograd.grad(output, inputs, retain_graph=True, allow_unused=True)
+        for output in outputs
+    ]
+    blocks: Blocks = []
+    for i in range(len(inputs)):
+        rows = [grads[i] for grads in per_task]
+        present = next((row for row in rows if row is not None), None)
+        if present is None:
+            blocks.append(None)
+            continue
+        blocks.append(
+            torch.stack(
+                [present.new_zeros(()).expand_as(present) if row is None else row for row in rows]
+            )
+        )
     return blocks
 
 

@@ -1,0 +1,221 @@
+"""Step time and peak memory of each way to back-propagate T task losses, side by side.
+
+Every variant runs one training step's forward and backward on the same model and batch; the
+variants are interleaved round after round so that the machine's noise hits them alike, and each
+is reported as the ratio of its median step time to a plain ``sum(losses).backward()`` step.
+Peak memory is the peak resident set of a fresh process running only that variant, minus the
+peak of the same process running the plain step (CPU has no allocator statistics); it is
+compared with the size of the T x n Jacobian of the shared parameters.
+
+Usage:
+    python benchmarks/step_time.py                      # all models, T in {2, 3, 5, 8, 32}
+    python benchmarks/step_time.py --tasks 3 32 --rounds 10 --no-memory
+Writes benchmarks/results/step_time.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+import taskbalance
+
+RESULTS = Path(__file__).parent / "results" / "step_time.json"
+BATCH = 64
+
+
+class MultiTaskNet(nn.Module):
+    """A trunk read by T small heads; ``losses`` returns the T losses and the trunk output."""
+
+    def __init__(self, kind: str, num_tasks: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        if kind == "mlp":
+            self.trunk: nn.Module = nn.Sequential(
+                nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                nn.Linear(512, 256), nn.ReLU(),
+            )
+            width = 256
+        elif kind == "cnn":
+            self.trunk = nn.Sequential(
+                nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(16, 32, 5), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Flatten(), nn.Linear(32 * 4 * 4, 128), nn.ReLU(),
+            )
+            width = 128
+        else:
+            raise ValueError(f"unknown model {kind!r}; valid: mlp, cnn")
+        self.heads = nn.ModuleList(nn.Linear(width, 10) for _ in range(num_tasks))
+        self.kind = kind
+
+    def batch(self) -> tuple[Tensor, Tensor]:
+        gen = torch.Generator().manual_seed(1)
+        shape = (BATCH, 256) if self.kind == "mlp" else (BATCH, 1, 28, 28)
+        x = torch.randn(shape, generator=gen)
+        y = torch.randint(0, 10, (BATCH, len(self.heads)), generator=gen)
+        return x, y
+
+    def losses(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
+        z = self.trunk(x)
+        losses = [
+            nn.functional.cross_entropy(head(z), y[:, t]) for t, head in enumerate(self.heads)
+        ]
+        return losses, z
+
+
+def _variants(model: MultiTaskNet) -> dict[str, Callable[[Tensor, Tensor], None]]:
+    num_tasks = len(model.heads)
+    shared = list(model.trunk.parameters())
+
+    def plain(x, y):
+        losses, _ = model.losses(x, y)
+        sum(losses).backward()
+
+    def loop_t_backward(x, y):
+        losses, _ = model.losses(x, y)
+        for t, loss in enumerate(losses):
+            loss.backward(retain_graph=t < num_tasks - 1)
+
+    def method_step(method, mode="auto"):
+        def step(x, y):
+            losses, z = model.losses(x, y)
+            method.backward(losses, shared=shared, features=z, jacobian_mode=mode)
+
+        return step
+
+    variants = {
+        "sum_backward": plain,
+        "ew": method_step(taskbalance.EW()),
+        "imtl_l": method_step(taskbalance.IMTLL(tasks=num_tasks)),
+        "imtl_g_feature": method_step(taskbalance.IMTLG(level="feature")),
+        "imtl_g_feature_loop": method_step(taskbalance.IMTLG(level="feature"), "loop"),
+        "imtl_g_parameter": method_step(taskbalance.IMTLG(level="parameter")),
+        "imtl_g_parameter_loop": method_step(taskbalance.IMTLG(level="parameter"), "loop"),
+        "imtl_feature": method_step(taskbalance.IMTL(tasks=num_tasks)),
+        "loop_t_backward": loop_t_backward,
+    }
+    try:
+        from torchjd.aggregation import IMTLG as TorchJDIMTLG
+        from torchjd.autojac import jac_to_grad, mtl_backward
+    except ImportError:
+        return variants
+    aggregator = TorchJDIMTLG()
+
+    def torchjd_imtlg(x, y):
+        losses, z = model.losses(x, y)
+        mtl_backward(losses, features=z, shared_params=shared)
+        jac_to_grad(shared, aggregator)
+
+    variants["torchjd_imtlg"] = torchjd_imtlg
+    return variants
+
+
+def time_variants(kind: str, num_tasks: int, rounds: int) -> dict[str, float]:
+    """Median step time of every variant, interleaved round by round (seconds)."""
+    model = MultiTaskNet(kind, num_tasks)
+    x, y = model.batch()
+    variants = _variants(model)
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for round_ in range(rounds + 2):
+        for name, step in variants.items():
+            model.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            step(x, y)
+            elapsed = time.perf_counter() - start
+            if round_ >= 2:  # the first two rounds warm up caches and allocators
+                samples[name].append(elapsed)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def _peak_rss_child(kind: str, num_tasks: int, variant: str) -> None:
+    """Run one variant a few times in this (fresh) process and print its peak RSS in bytes."""
+    model = MultiTaskNet(kind, num_tasks)
+    x, y = model.batch()
+    step = _variants(model)[variant]
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        step(x, y)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def peak_extra_memory(kind: str, num_tasks: int, variants: list[str]) -> dict[str, int]:
+    """Peak RSS of each variant minus that of the plain step, each in its own process."""
+
+    def peak(variant: str) -> int:
+        command = [sys.executable, __file__, "--child", kind, str(num_tasks), variant]
+        return int(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+
+    base = peak("sum_backward")
+    return {variant: peak(variant) - base for variant in variants}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    parser.add_argument("--tasks", nargs="+", type=int, default=[2, 3, 5, 8, 32])
+    parser.add_argument("--rounds", type=int, default=15, help="timed rounds per variant")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _peak_rss_child(args.child[0], int(args.child[1]), args.child[2])
+        return
+    rows = []
+    for kind in args.models:
+        for num_tasks in args.tasks:
+            times = time_variants(kind, num_tasks, args.rounds)
+            model = MultiTaskNet(kind, num_tasks)
+            shared_numel = sum(p.numel() for p in model.trunk.parameters())
+            row = {
+                "model": kind,
+                "tasks": num_tasks,
+                "shared_params": shared_numel,
+                "jacobian_bytes": num_tasks * shared_numel * 4,
+                "sum_backward_ms": 1e3 * times["sum_backward"],
+                "ratio_to_sum_backward": {n: t / times["sum_backward"] for n, t in times.items()},
+            }
+            if not args.no_memory:
+                row["extra_peak_bytes"] = peak_extra_memory(
+                    kind, num_tasks, ["imtl_g_parameter", "loop_t_backward", "torchjd_imtlg"]
+                )
+            rows.append(row)
+            print(_format_row(row), flush=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+                "torch": torch.__version__,
+                "batch": BATCH,
+                "rounds": args.rounds,
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
+    print(f"wrote {RESULTS}")
+
+
+def _format_row(row: dict) -> str:
+    ratios = row["ratio_to_sum_backward"]
+    parts = [f"{row['model']} T={row['tasks']:>2} plain={row['sum_backward_ms']:.1f}ms"]
+    parts += [f"{name}={ratio:.2f}x" for name, ratio in ratios.items() if name != "sum_backward"]
+    if "extra_peak_bytes" in row:
+        jac = row["jacobian_bytes"]
+        parts += [f"mem/{name}={extra / jac:.2f}J" for name, extra in row["extra_peak_bytes"].items()]
+    return " ".join(parts)
+
+
+if __name__ == "__main__":
+    main()

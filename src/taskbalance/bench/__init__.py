@@ -1,0 +1,1 @@
+"""Benchmarks (optional extra): real datasets, models, runner and reports."""

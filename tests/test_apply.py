@@ -243,3 +243,30 @@ def test_task_gradients_refuse_gradient_level_methods():
     losses, _ = model.losses(*batch(2))
     with pytest.raises(ValueError, match="loss-level methods only; IMTLG"):
         taskbalance.task_gradients(IMTLG(), losses, shared=model.trunk)
+
+
+def test_features_may_be_a_tuple_of_tensors():
+    torch.manual_seed(0)
+    branch_a = torch.nn.Linear(4, 3).double()
+    branch_b = torch.nn.Linear(4, 2).double()
+    heads = [torch.nn.Linear(5, 1).double() for _ in range(3)]
+    x = torch.randn(6, 4, dtype=torch.float64)
+
+    def losses_and_features():
+        za, zb = branch_a(x), branch_b(x)
+        z = torch.cat([za, zb], dim=1)
+        return [head(z).pow(2).mean() * (t + 1) for t, head in enumerate(heads)], (za, zb)
+
+    losses, (za, zb) = losses_and_features()
+    rows = []
+    for loss in losses:
+        ga, gb = torch.autograd.grad(loss, (za, zb), retain_graph=True)
+        rows.append(torch.cat([ga.flatten(), gb.flatten()]))
+    jacobian = torch.stack(rows)
+    info = IMTLG().backward(losses, features=(za, zb))
+    torch.testing.assert_close(info.gradient_weights, imtl_g_weights(jacobian @ jacobian.T))
+    combined = info.gradient_weights @ jacobian
+    (expected,) = torch.autograd.grad(
+        branch_a(x), branch_a.weight, combined[: za.numel()].view_as(za)
+    )
+    torch.testing.assert_close(branch_a.weight.grad, expected)

@@ -22,7 +22,8 @@ def _methods(_: argparse.Namespace) -> None:
         rows.append((name, cls.requires.value, "/".join(levels) or "-", options or "-", cls.paper))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4])
+        cells = [cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)]
+        print("  ".join([*cells, row[4]]))
 
 
 def _quickstart(args: argparse.Namespace) -> None:
@@ -46,8 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a small multi-task model on real data (Linnerud) and print losses, weights",
     )
     quick.add_argument(
-        "--methods", nargs="+", default=["ew", "imtl"], choices=list_methods(), metavar="NAME",
-        help=f"methods to train, one after the other (default: ew imtl; valid: {', '.join(list_methods())})",
+        "--methods",
+        nargs="+",
+        default=["ew", "imtl"],
+        choices=list_methods(),
+        metavar="NAME",
+        help="methods to train one after the other (default: ew imtl); any name that "
+        "'taskbalance methods' lists",
     )
     quick.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
     quick.add_argument("--every", type=int, default=100, help="print every N steps (default 100)")

@@ -37,7 +37,9 @@ class SharedBottom(nn.Module):
 
     def __init__(self, num_tasks: int, hidden: int = 32) -> None:
         super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(3, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh())
+        self.trunk = nn.Sequential(
+            nn.Linear(3, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh()
+        )
         self.heads = nn.ModuleList(nn.Linear(hidden, 1) for _ in range(num_tasks))
 
 
@@ -59,9 +61,7 @@ def run(method_name: str = "imtl", steps: int = 600, every: int = 100, seed: int
         for head, mean in zip(model.heads, y.mean(0), strict=True):
             head.bias.fill_(mean)
     method = taskbalance.get_method(method_name, tasks=list(TASKS))
-    optimizer = torch.optim.Adam(
-        [{"params": model.parameters()}, method.param_group()], lr=1e-2
-    )
+    optimizer = torch.optim.Adam([{"params": model.parameters()}, method.param_group()], lr=1e-2)
     header = "step  " + "  ".join(f"{f'loss {t}':>12}" for t in TASKS) + "   weights"
     print(header)
     for step in range(1, steps + 1):

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from taskbalance.apply import StepInfo, backward, gradients
 from taskbalance.engine.requirement import Level, Requirement
+from taskbalance.errors import InvalidLossError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -124,6 +125,28 @@ class Method(nn.Module):
     def task_label(self, index: int) -> str:
         """A task's name for messages."""
         return self._task_names[index] if self._task_names is not None else str(index)
+
+    def require_positive(self, losses: Tensor, why: str) -> None:
+        """Raise :class:`InvalidLossError` naming every task whose loss is ``<= 0``.
+
+        For methods that take logs or ratios of the losses; ``why`` says in the message what
+        goes wrong for such a loss.
+
+        >>> from taskbalance import EW
+        >>> try:
+        ...     EW(tasks=["a", "b"]).require_positive(torch.tensor([1.0, 0.0]), "log L")
+        ... except InvalidLossError as error:
+        ...     print(error.task)
+        b
+        """
+        bad = (losses <= 0).nonzero().flatten().tolist()
+        if bad:
+            listed = ", ".join(f"'{self.task_label(i)}' = {losses[i].item():.4g}" for i in bad)
+            raise InvalidLossError(
+                f"{type(self).__name__} needs positive losses ({why}), got {listed}; shift such "
+                "a loss by a constant or use another method",
+                task=self.task_label(bad[0]),
+            )
 
     def get_extra_state(self) -> dict[str, Any]:
         """The task names and count, saved in ``state_dict`` with the method's tensors."""

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from taskbalance.errors import InvalidLossError
 from taskbalance.methods.base import Method
 from taskbalance.methods.registry import register
 
@@ -55,16 +54,7 @@ class IMTLL(Method):
 
     def loss_weights(self, losses: Tensor) -> tuple[Tensor, Tensor | None]:
         """``w_t = exp(s_t)`` and ``c_t = -s_t``."""
-        nonpositive = (losses <= 0).nonzero().flatten().tolist()
-        if nonpositive:
-            listed = ", ".join(
-                f"'{self.task_label(i)}' = {losses[i].item():.4g}" for i in nonpositive
-            )
-            raise InvalidLossError(
-                f"{type(self).__name__} needs positive losses (exp(s) L - s has no minimum for "
-                f"L <= 0), got {listed}; shift such a loss by a constant or use another method",
-                task=self.task_label(nonpositive[0]),
-            )
+        self.require_positive(losses, "exp(s) L - s has no minimum for L <= 0")
         self._watch_scales()
         return torch.exp(self.scales), -self.scales
 

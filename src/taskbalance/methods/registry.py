@@ -14,7 +14,9 @@ M = TypeVar("M", bound="type[Method]")
 
 def register(cls: M) -> M:
     """Class decorator: make a method available to :func:`get_method` under ``cls.name``."""
-    if not cls.name or cls.name in _METHODS:
+    taken = _METHODS.get(cls.name)
+    # The same class imported a second time (e.g. by a doctest runner) may register again.
+    if not cls.name or (taken is not None and taken.__qualname__ != cls.__qualname__):
         raise ValueError(f"{cls.__name__}: method name {cls.name!r} is empty or taken")
     _METHODS[cls.name] = cls
     return cls

@@ -5,15 +5,21 @@ gradient-level methods, shared weights ``a``:
 
 - loss level: one ordinary backward of ``sum_t L'_t``;
 - feature level: the T gradients of ``w_t L_t`` w.r.t. the shared representation z (through the
-  heads only, batched), the method's ``a`` from their Gramian, then ONE backward of
-  ``sum_t L'_t`` in which a hook replaces the gradient arriving at z by ``sum_t a_t dL'_t/dz``.
-  The heads and the method's parameters thus get the gradient of their own ``L'_t``, and the
-  trunk one backward of the combination;
-- parameter level: the T gradients of ``w_t L_t`` w.r.t. the shared parameters (batched), the
-  method's ``a``, ``sum_t a_t g_t`` written into the shared ``.grad``, and one backward of
+  heads only), the method's ``a`` from their Gramian, then ONE backward of ``sum_t L'_t`` in
+  which a hook replaces the gradient arriving at z by ``sum_t a_t dL'_t/dz``. The heads and the
+  method's parameters thus get the gradient of their own ``L'_t``, and the trunk one backward
+  of the combination;
+- parameter level: the T gradients of ``w_t L_t`` w.r.t. the shared parameters, the method's
+  ``a``, ``sum_t a_t g_t`` written into the shared ``.grad``, and one backward of
   ``sum_t L'_t`` restricted to everything else (heads, the method's parameters).
 
 Like ``Tensor.backward``, ``.grad`` is accumulated into, never overwritten.
+
+Under torch.distributed (``sync``), the method sees the whole batch: the losses and the
+Gramian (feature level) or the Jacobian (parameter level) are reduced over the ranks, and each
+rank writes gradients whose average over the ranks, as DistributedDataParallel (or the user's
+own all-reduce) computes it, is the single-process update on the joined batch. The method's
+own parameters are not in the user's DDP model, so their gradients are averaged here.
 """
 
 from __future__ import annotations
@@ -25,21 +31,27 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from taskbalance.distributed import Reducer, reducer
 from taskbalance.engine import (
     JacobianMode,
     TaskLosses,
+    check_finite_losses,
     collect_losses,
     combine,
+    from_matrix,
     gramian,
     leaf_tensors,
     reaches,
     task_jacobian,
+    to_matrix,
     unique_tensors,
 )
 from taskbalance.engine.requirement import Requirement
 from taskbalance.errors import InvalidLossError
 
 if TYPE_CHECKING:
+    import torch.distributed as dist
+
     from taskbalance.engine.losses import LossesLike
     from taskbalance.methods.base import Method
 
@@ -50,7 +62,8 @@ class StepInfo:
 
     Attributes:
         tasks: the task names, in the order of every vector here.
-        losses: the raw task losses ``L_t``, shape ``(T,)``.
+        losses: the raw task losses ``L_t``, shape ``(T,)`` (averaged over the ranks under
+            torch.distributed).
         loss_weights: the loss-level weights ``w_t`` (ones for a method without any).
         gradient_weights: the weights ``a_t`` the method gave the per-task gradients of the
             shared part; ``None`` for loss-level and Jacobian methods.
@@ -82,13 +95,16 @@ class _Prepared:
     """The losses of one step, checked and weighted by the method's loss level."""
 
     losses: TaskLosses
+    seen: Tensor
+    """The losses the method sees: the local ones, or their mean over the ranks."""
     loss_weights: Tensor
     total: Tensor
     """``sum_t L'_t``: what everything that is not shared is trained on."""
+    reducer: Reducer | None
 
     def weighted_values(self) -> Tensor:
         """``w_t L_t``, detached: the losses a gradient-level method is shown."""
-        return (self.loss_weights * self.losses.values).detach()
+        return (self.loss_weights * self.seen).detach()
 
     def weighted_tasks(self) -> list[Tensor]:
         """``w_t L_t`` task by task, each in its own task's graph only (no stack that would
@@ -97,18 +113,24 @@ class _Prepared:
         return [weight * loss.reshape(()) for weight, loss in pairs]
 
 
-def _prepare(method: Method, losses: LossesLike) -> _Prepared:
-    checked = collect_losses(losses, method.task_names)
+def _prepare(method: Method, losses: LossesLike, ranks: Reducer | None) -> _Prepared:
+    checked = collect_losses(losses, method.task_names, check_finite=ranks is None)
+    seen = checked.values.detach()
+    if ranks is not None:
+        # Reduced before the finiteness check, so that a NaN on one rank stops every rank
+        # instead of leaving the others waiting in the next collective.
+        seen = ranks.mean(seen)
+        check_finite_losses(checked.names, seen)
     method.bind_tasks(checked.names, checked.from_mapping)
-    loss_weights, offsets = method.loss_weights(checked.values.detach())
-    if loss_weights.shape != checked.values.shape:
+    loss_weights, offsets = method.loss_weights(seen)
+    if loss_weights.shape != seen.shape:
         raise RuntimeError(
             f"{type(method).__name__}.loss_weights returned shape {tuple(loss_weights.shape)} "
-            f"for {checked.values.numel()} tasks"
+            f"for {seen.numel()} tasks"
         )
     scaled = loss_weights * checked.values
     total = scaled.sum() if offsets is None else (scaled + offsets).sum()
-    return _Prepared(checked, loss_weights, total)
+    return _Prepared(checked, seen, loss_weights, total, ranks)
 
 
 @dataclass
@@ -126,37 +148,42 @@ def _shared_update(
     method: Method, prepared: _Prepared, inputs: tuple[Tensor, ...], mode: JacobianMode
 ) -> _SharedUpdate:
     num_tasks = len(prepared.losses.names)
+    ranks = prepared.reducer
+    feature_level = method.level == "feature"
     blocks = task_jacobian(prepared.weighted_tasks(), inputs, mode)
-    if all(block is None for block in blocks):
+    if ranks is None and all(block is None for block in blocks):
         raise InvalidLossError(
             f"no task loss depends on the {_describe(method)}: pass the tensors the heads read"
         )
+    if ranks is not None and not feature_level:
+        # g_t = (1/R) sum_r g_t^r: the Gramian needs products across ranks, so the Jacobian
+        # itself is averaged; every rank then holds, and writes, the same global update.
+        blocks = list(from_matrix(ranks.mean(to_matrix(blocks, inputs, num_tasks)), inputs))
     if method.requires is Requirement.GRAMIAN:
         gram = gramian(blocks, num_tasks)
+        if ranks is not None and feature_level:
+            gram = ranks.sum(gram) / ranks.world_size**2  # K = (1/R^2) sum_r K^r
         norms, cosines = _norms_and_cosines(gram)
         _check_reachable(method, prepared.losses, norms, inputs)
         weights = method.shared_weights(prepared.weighted_values(), gram).detach()
         _check_weights(method, weights, num_tasks)
         return _SharedUpdate(inputs, combine(weights, blocks), weights, norms, cosines)
-    matrix = torch.cat(
-        [
-            torch.zeros(num_tasks, t.numel(), dtype=t.dtype, device=t.device)
-            if b is None
-            else b.reshape(num_tasks, -1)
-            for t, b in zip(inputs, blocks, strict=True)
-        ],
-        dim=1,
-    )
+    matrix = to_matrix(blocks, inputs, num_tasks)
+    if ranks is not None and feature_level:
+        # The global z is the concatenation of the shards' z^r; dL_t/dz^r = (1/R) dL_t^r/dz^r.
+        matrix = torch.cat(ranks.gather(matrix / ranks.world_size), dim=1)
     norms, cosines = _norms_and_cosines(matrix @ matrix.T)
     _check_reachable(method, prepared.losses, norms, inputs)
     flat = method.aggregate(prepared.weighted_values(), matrix).detach()
     if flat.shape != (matrix.shape[1],) or not torch.isfinite(flat).all():
         raise RuntimeError(f"{type(method).__name__}.aggregate returned a bad update")
-    update: list[Tensor | None] = [
-        part.view_as(t)
-        for part, t in zip(flat.split([t.numel() for t in inputs]), inputs, strict=True)
-    ]
-    return _SharedUpdate(inputs, update, None, norms, cosines)
+    if ranks is not None and feature_level:
+        # This rank's share of the global z-update, times R because the ranks' trunk
+        # gradients are averaged afterwards.
+        share = flat.numel() // ranks.world_size
+        start = ranks.rank * share
+        flat = flat[start : start + share] * ranks.world_size
+    return _SharedUpdate(inputs, list(from_matrix(flat, inputs)), None, norms, cosines)
 
 
 def _describe(method: Method) -> str:
@@ -222,6 +249,27 @@ def _shared_params(
     return unique_tensors(shared, "shared parameters")
 
 
+def _backward_substituting(
+    prepared: _Prepared,
+    targets: tuple[Tensor, ...],
+    substitutes: list[Tensor | None],
+    retain_graph: bool,
+) -> None:
+    """One ordinary backward of ``sum_t L'_t`` in which the gradient arriving at each target
+    is replaced by its substitute, so that everything downstream (the trunk, DDP's reducer)
+    sees the substitute."""
+    handles = [
+        target.register_hook(lambda _grad, new=new: new)
+        for target, new in zip(targets, substitutes, strict=True)
+        if new is not None
+    ]
+    try:
+        prepared.total.backward(retain_graph=retain_graph)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _backward_except(prepared: _Prepared, shared: tuple[Tensor, ...], retain_graph: bool) -> None:
     """The ordinary backward of ``sum_t L'_t`` into every leaf except the shared ones."""
     others = leaf_tensors([prepared.total], exclude=shared)
@@ -229,16 +277,33 @@ def _backward_except(prepared: _Prepared, shared: tuple[Tensor, ...], retain_gra
         torch.autograd.backward(prepared.total, inputs=others, retain_graph=retain_graph)
 
 
+def _accumulate(params: tuple[Tensor, ...], grads: list[Tensor | None]) -> None:
+    for param, grad in zip(params, grads, strict=True):
+        if grad is None:
+            continue
+        if param.grad is None:
+            param.grad = grad
+        else:
+            param.grad.add_(grad)
+
+
 def _info(method: Method, prepared: _Prepared, update: _SharedUpdate | None) -> StepInfo:
     return StepInfo(
         tasks=prepared.losses.names,
-        losses=prepared.losses.values.detach(),
+        losses=prepared.seen,
         loss_weights=prepared.loss_weights.detach(),
         gradient_weights=None if update is None else update.weights,
         grad_norms=None if update is None else update.norms,
         cosines=None if update is None else update.cosines,
         level=method.level,
     )
+
+
+def _finish(method: Method, prepared: _Prepared, update: _SharedUpdate | None) -> StepInfo:
+    """Average the method's own gradients over the ranks, and describe the step."""
+    if prepared.reducer is not None:
+        prepared.reducer.mean_grads(list(method.parameters()))
+    return _info(method, prepared, update)
 
 
 def backward(
@@ -249,6 +314,8 @@ def backward(
     *,
     jacobian_mode: JacobianMode = "auto",
     retain_graph: bool = False,
+    sync: bool | None = None,
+    process_group: dist.ProcessGroup | None = None,
 ) -> StepInfo:
     """Fill ``.grad`` for one step of ``method``: the drop-in for ``sum(losses).backward()``.
 
@@ -263,6 +330,10 @@ def backward(
         jacobian_mode: how per-task gradients are computed, see
             :func:`taskbalance.engine.task_jacobian`.
         retain_graph: keep the graph after the final backward.
+        sync: reduce over the ranks of torch.distributed: ``None`` (default) whenever it is
+            initialised with more than one rank, ``True`` always, ``False`` never. Each rank's
+            losses must be means over equal-sized shards.
+        process_group: the group to reduce over (default: the whole world).
 
     Returns:
         A :class:`StepInfo` with the losses, weights, gradient norms and cosines.
@@ -271,6 +342,11 @@ def backward(
         InvalidLossError: a loss that is not a finite scalar requiring grad, or that does not
             depend on the shared part (the message names the task).
         NonFiniteLossError: a NaN or infinite loss; nothing is back-propagated.
+
+    Cost under torch.distributed: an all-reduce of the T losses for every method; feature level
+    adds a T x T all-reduce (Gramian methods) or an all-gather of the ``T x |z|`` z-Jacobian
+    (Jacobian methods); parameter level all-reduces the ``T x n`` Jacobian and spends one more
+    backward, through which DDP's own reduction runs as usual.
 
     >>> import torch, taskbalance
     >>> trunk = torch.nn.Linear(4, 3)
@@ -281,34 +357,24 @@ def backward(
     >>> float(info.gradient_weights.sum())
     1.0
     """
-    prepared = _prepare(method, losses)
+    prepared = _prepare(method, losses, reducer(sync, process_group))
     if method.requires is Requirement.LOSSES:
         prepared.total.backward(retain_graph=retain_graph)
-        return _info(method, prepared, None)
+        return _finish(method, prepared, None)
     if method.level == "feature":
         update = _shared_update(method, prepared, _features(method, features), jacobian_mode)
-        handles = [
-            z.register_hook(lambda _grad, new=new: new)
-            for z, new in zip(update.inputs, update.update, strict=True)
-            if new is not None
-        ]
-        try:
-            prepared.total.backward(retain_graph=retain_graph)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return _info(method, prepared, update)
+        _backward_substituting(prepared, update.inputs, update.update, retain_graph)
+        return _finish(method, prepared, update)
     params = _shared_params(method, shared)
     update = _shared_update(method, prepared, params, jacobian_mode)
-    _backward_except(prepared, params, retain_graph)
-    for param, grad in zip(params, update.update, strict=True):
-        if grad is None:
-            continue
-        if param.grad is None:
-            param.grad = grad
-        else:
-            param.grad.add_(grad)
-    return _info(method, prepared, update)
+    if prepared.reducer is None:
+        _backward_except(prepared, params, retain_graph)
+        _accumulate(params, update.update)
+    else:
+        # Every rank holds the same global update; writing it through an ordinary backward
+        # lets DDP's reducer run (averaging identical values) instead of waiting forever.
+        _backward_substituting(prepared, params, update.update, retain_graph)
+    return _finish(method, prepared, update)
 
 
 def gradients(
@@ -318,11 +384,14 @@ def gradients(
     features: Tensor | Sequence[Tensor] | None = None,
     *,
     jacobian_mode: JacobianMode = "auto",
+    sync: bool | None = None,
+    process_group: dist.ProcessGroup | None = None,
 ) -> tuple[tuple[Tensor | None, ...], StepInfo]:
     """The method's combined gradient of the shared parameters, without touching ``.grad``.
 
     The functional form of :func:`backward`: the heads and the method's own parameters get
-    nothing, and the graph is retained (the caller owns it).
+    nothing, and the graph is retained (the caller owns it). Under torch.distributed the
+    returned gradients are, like those :func:`backward` writes, to be averaged over the ranks.
 
     Returns:
         One gradient per shared parameter (``None`` where no task depends on it), and the
@@ -335,7 +404,7 @@ def gradients(
     tensor([4., 4.])
     """
     params = _shared_params(method, shared)
-    prepared = _prepare(method, losses)
+    prepared = _prepare(method, losses, reducer(sync, process_group))
     if method.requires is Requirement.LOSSES:
         grads = torch.autograd.grad(prepared.total, params, retain_graph=True, allow_unused=True)
         return tuple(grads), _info(method, prepared, None)
@@ -361,16 +430,22 @@ def task_gradients(
     *,
     jacobian_mode: JacobianMode = "auto",
     retain_graph: bool = False,
+    sync: bool | None = None,
+    process_group: dist.ProcessGroup | None = None,
 ) -> tuple[list[Tensor | None], StepInfo]:
     """Per-task gradients of the shared parameters, for optimizers with per-task state.
 
     The method's loss level applies (the gradients are those of ``w_t L_t``), and everything
     that is not shared (heads, the method's own parameters) receives the ordinary gradient of
-    ``sum_t L'_t`` in ``.grad``; the shared parameters' ``.grad`` is left untouched.
+    ``sum_t L'_t`` in ``.grad``; the shared parameters' ``.grad`` is left untouched. Under
+    torch.distributed the returned blocks are the per-task gradients of the joined batch (the
+    same on every rank), and the shared ``.grad`` receives zeros through the one ordinary
+    backward that DDP's reducer needs.
 
     Args:
         method: a loss-level method (``Requirement.LOSSES``), e.g. ``EW()`` or ``IMTLL(...)``.
-        losses, shared, jacobian_mode, retain_graph: as in :func:`backward`.
+        losses, shared, jacobian_mode, retain_graph, sync, process_group: as in
+            :func:`backward`.
 
     Returns:
         One block per shared parameter, ``block[t] = grad of w_t L_t`` of shape
@@ -390,16 +465,21 @@ def task_gradients(
             "weights gradients itself"
         )
     params = _shared_params(method, shared)
-    prepared = _prepare(method, losses)
-    blocks = task_jacobian(prepared.weighted_tasks(), params, jacobian_mode)
+    prepared = _prepare(method, losses, reducer(sync, process_group))
     num_tasks = len(prepared.losses.names)
+    blocks = task_jacobian(prepared.weighted_tasks(), params, jacobian_mode)
+    if prepared.reducer is not None:
+        matrix = prepared.reducer.mean(to_matrix(blocks, params, num_tasks))
+        blocks = list(from_matrix(matrix, params))
     squares = sum(b.reshape(num_tasks, -1).pow(2).sum(dim=1) for b in blocks if b is not None)
     if not isinstance(squares, Tensor):
         raise InvalidLossError("no task loss depends on the shared parameters")
     norms = squares.sqrt().detach()
     _check_reachable(method, prepared.losses, norms, params)
-    _backward_except(prepared, params, retain_graph)
-    info = _info(method, prepared, None)
-    return blocks, StepInfo(
-        info.tasks, info.losses, info.loss_weights, None, norms, None, info.level
-    )
+    if prepared.reducer is None:
+        _backward_except(prepared, params, retain_graph)
+    else:
+        zeros: list[Tensor | None] = [torch.zeros_like(p) for p in params]
+        _backward_substituting(prepared, params, zeros, retain_graph)
+    info = _finish(method, prepared, None)
+    return blocks, StepInfo(info.tasks, info.losses, info.loss_weights, None, norms, None)

@@ -7,8 +7,20 @@ losses, the Gramian ``K = G G^T`` of the per-task gradients, or the Jacobian ``G
 """
 
 from taskbalance.engine.graph import leaf_tensors, reaches
-from taskbalance.engine.jacobian import JacobianMode, combine, gramian, task_jacobian
-from taskbalance.engine.losses import TaskLosses, collect_losses, unique_tensors
+from taskbalance.engine.jacobian import (
+    JacobianMode,
+    combine,
+    from_matrix,
+    gramian,
+    task_jacobian,
+    to_matrix,
+)
+from taskbalance.engine.losses import (
+    TaskLosses,
+    check_finite_losses,
+    collect_losses,
+    unique_tensors,
+)
 from taskbalance.engine.requirement import Level, Requirement
 
 __all__ = [
@@ -16,11 +28,14 @@ __all__ = [
     "Level",
     "Requirement",
     "TaskLosses",
+    "check_finite_losses",
     "collect_losses",
     "combine",
+    "from_matrix",
     "gramian",
     "leaf_tensors",
     "reaches",
     "task_jacobian",
+    "to_matrix",
     "unique_tensors",
 ]

@@ -146,3 +146,33 @@ def combine(weights: Tensor, blocks: Blocks) -> list[Tensor | None]:
         None if block is None else torch.tensordot(weights.to(block.dtype), block, dims=1)
         for block in blocks
     ]
+
+
+def to_matrix(blocks: Blocks, inputs: Sequence[Tensor], num_tasks: int) -> Tensor:
+    """The Jacobian as one ``(T, n)`` matrix (zeros where a block is ``None``): a copy, made
+    only for methods that need the rows themselves, and for reductions across ranks.
+
+    >>> to_matrix([torch.ones(2, 2), None], [torch.ones(2), torch.ones(1)], 2)
+    tensor([[1., 1., 0.],
+            [1., 1., 0.]])
+    """
+    return torch.cat(
+        [
+            torch.zeros(num_tasks, t.numel(), dtype=t.dtype, device=t.device)
+            if b is None
+            else b.reshape(num_tasks, -1)
+            for t, b in zip(inputs, blocks, strict=True)
+        ],
+        dim=1,
+    )
+
+
+def from_matrix(matrix: Tensor, inputs: Sequence[Tensor]) -> list[Tensor]:
+    """Split a ``(T, n)`` matrix, or an ``(n,)`` vector, back into one block per input.
+
+    >>> [b.shape for b in from_matrix(torch.zeros(2, 3), [torch.ones(2), torch.ones(1)])]
+    [torch.Size([2, 2]), torch.Size([2, 1])]
+    """
+    lead = matrix.shape[:-1]
+    parts = matrix.split([t.numel() for t in inputs], dim=-1)
+    return [part.reshape(*lead, *t.shape) for part, t in zip(parts, inputs, strict=True)]

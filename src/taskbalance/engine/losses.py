@@ -34,7 +34,9 @@ class TaskLosses:
     from_mapping: bool
 
 
-def collect_losses(losses: LossesLike, expected: Sequence[str] | None = None) -> TaskLosses:
+def collect_losses(
+    losses: LossesLike, expected: Sequence[str] | None = None, check_finite: bool = True
+) -> TaskLosses:
     """Check the task losses and stack them in a fixed order.
 
     Args:
@@ -42,6 +44,8 @@ def collect_losses(losses: LossesLike, expected: Sequence[str] | None = None) ->
             losses.
         expected: task names from an earlier step or from the method's constructor; a dict is
             reordered to match them, and a dict with other names is an error.
+        check_finite: raise on a NaN or infinite loss (under torch.distributed the check runs
+            on the losses reduced over the ranks instead, so that every rank raises together).
 
     Raises:
         InvalidLossError: no tasks, a non-tensor, a non-scalar loss, a loss without gradient,
@@ -64,16 +68,23 @@ def collect_losses(losses: LossesLike, expected: Sequence[str] | None = None) ->
             f"the task losses live on different devices: {sorted(map(str, devices))}"
         )
     values = torch.stack([loss.reshape(()) for loss in tensors])
+    if check_finite:
+        check_finite_losses(names, values)
+    return TaskLosses(names, tensors, values, from_mapping)
+
+
+def check_finite_losses(names: Sequence[str], values: Tensor) -> None:
+    """Raise :class:`NonFiniteLossError` naming every task whose loss is NaN or infinite.
+
+    >>> check_finite_losses(["a"], torch.tensor([1.0]))  # fine: returns None
+    """
     bad = ~torch.isfinite(values.detach())
     if bad.any():
-        listed = ", ".join(
-            f"'{names[i]}' = {values[i].item()}" for i in bad.nonzero().flatten().tolist()
-        )
+        indices = bad.nonzero().flatten().tolist()
+        listed = ", ".join(f"'{names[i]}' = {values[i].item()}" for i in indices)
         raise NonFiniteLossError(
-            f"non-finite task loss: {listed}; nothing was back-propagated",
-            task=names[int(bad.nonzero()[0])],
+            f"non-finite task loss: {listed}; nothing was back-propagated", task=names[indices[0]]
         )
-    return TaskLosses(names, tensors, values, from_mapping)
 
 
 def _split(

@@ -30,6 +30,8 @@ from taskbalance.errors import InvalidLossError
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
+    import torch.distributed as dist
+
     from taskbalance.engine.jacobian import JacobianMode
     from taskbalance.engine.losses import LossesLike
 
@@ -202,13 +204,22 @@ class Method(nn.Module):
         *,
         jacobian_mode: JacobianMode = "auto",
         retain_graph: bool = False,
+        sync: bool | None = None,
+        process_group: dist.ProcessGroup | None = None,
     ) -> StepInfo:
         """Replace ``sum(losses).backward()``: fill ``.grad`` as this method prescribes.
 
         See :func:`taskbalance.apply.backward` for the arguments.
         """
         return backward(
-            self, losses, shared, features, jacobian_mode=jacobian_mode, retain_graph=retain_graph
+            self,
+            losses,
+            shared,
+            features,
+            jacobian_mode=jacobian_mode,
+            retain_graph=retain_graph,
+            sync=sync,
+            process_group=process_group,
         )
 
     def gradients(
@@ -218,12 +229,22 @@ class Method(nn.Module):
         features: Tensor | Sequence[Tensor] | None = None,
         *,
         jacobian_mode: JacobianMode = "auto",
+        sync: bool | None = None,
+        process_group: dist.ProcessGroup | None = None,
     ) -> tuple[tuple[Tensor | None, ...], StepInfo]:
         """The combined gradient of the shared parameters, without touching ``.grad``.
 
         See :func:`taskbalance.apply.gradients`.
         """
-        return gradients(self, losses, shared, features, jacobian_mode=jacobian_mode)
+        return gradients(
+            self,
+            losses,
+            shared,
+            features,
+            jacobian_mode=jacobian_mode,
+            sync=sync,
+            process_group=process_group,
+        )
 
     def param_group(self, **options: Any) -> dict[str, Any]:
         """An optimizer parameter group for the method's own parameters, without weight decay.

@@ -1,0 +1,92 @@
+"""The reductions that make a method see the whole batch under torch.distributed.
+
+With R ranks, each holding an equal shard of the batch, and losses that are means over a shard,
+the global task loss is ``L_t = (1/R) sum_r L_t^r``. What each level must reduce:
+
+- losses: the T loss values are averaged (one all-reduce of T numbers), so that every rank's
+  loss weights and state see the same numbers;
+- feature level: the global shared representation is the concatenation of the shards' ``z^r``
+  and ``dL_t/dz^r = (1/R) dL_t^r/dz^r``, so the global Gramian is ``(1/R^2) sum_r K^r``: one
+  all-reduce of T x T numbers;
+- parameter level: ``g_t = (1/R) sum_r g_t^r``, and the Gramian needs products across ranks, so
+  the T x n Jacobian itself is averaged (T times the traffic of ordinary data parallelism).
+
+The gradients each rank then writes are local, chosen so that their average over the ranks
+(what DistributedDataParallel, or the user's own all-reduce, computes) is the update a single
+process would make on the joined batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Reducer:
+    """All-reduces over a process group; built only when more than one rank takes part.
+
+    Attributes:
+        group: the process group (``None``: the default group).
+        world_size: the number of ranks in it.
+        rank: this process's rank in it.
+    """
+
+    group: dist.ProcessGroup | None
+    world_size: int
+    rank: int
+
+    def mean(self, tensor: Tensor) -> Tensor:
+        """The mean of ``tensor`` over the ranks (a new tensor; the input is untouched)."""
+        total = tensor.detach().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
+        return total / self.world_size
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """The sum of ``tensor`` over the ranks (a new tensor; the input is untouched)."""
+        total = tensor.detach().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
+        return total
+
+    def gather(self, tensor: Tensor) -> list[Tensor]:
+        """Every rank's ``tensor`` (all ranks must pass the same shape), in rank order."""
+        parts = [tensor.new_empty(tensor.shape) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.detach().contiguous(), group=self.group)
+        return parts
+
+    def mean_grads(self, tensors: list[Tensor]) -> None:
+        """Average the ``.grad`` of tensors that no DDP wrapper reduces (a method's own)."""
+        for tensor in tensors:
+            if tensor.grad is not None:
+                dist.all_reduce(tensor.grad, op=dist.ReduceOp.SUM, group=self.group)
+                tensor.grad.div_(self.world_size)
+
+
+def reducer(sync: bool | None, group: dist.ProcessGroup | None = None) -> Reducer | None:
+    """The reducer for this call, or ``None`` when the call is local.
+
+    Args:
+        sync: ``True`` reduces (and requires an initialised process group), ``False`` never
+            does, ``None`` reduces exactly when torch.distributed is initialised with more than
+            one rank.
+        group: the process group (``None``: the default group).
+
+    >>> reducer(None) is None  # not initialised: local
+    True
+    """
+    if sync is False:
+        return None
+    initialised = dist.is_available() and dist.is_initialized()
+    if not initialised:
+        if sync:
+            raise RuntimeError(
+                "sync=True needs torch.distributed to be initialised "
+                "(torch.distributed.init_process_group)"
+            )
+        return None
+    world_size = dist.get_world_size(group)
+    if world_size == 1 and not sync:
+        return None
+    return Reducer(group, world_size, dist.get_rank(group))

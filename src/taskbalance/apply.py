@@ -51,6 +51,7 @@ from taskbalance.errors import InvalidLossError
 
 if TYPE_CHECKING:
     import torch.distributed as dist
+    from torch.amp import GradScaler
 
     from taskbalance.engine.losses import LossesLike
     from taskbalance.methods.base import Method
@@ -99,21 +100,26 @@ class _Prepared:
     """The losses the method sees: the local ones, or their mean over the ranks."""
     loss_weights: Tensor
     total: Tensor
-    """``sum_t L'_t``: what everything that is not shared is trained on."""
+    """``S sum_t L'_t``: what everything that is not shared is trained on."""
     reducer: Reducer | None
+    scale: float
+    """A GradScaler's loss scale ``S`` (1 without one): back-propagated values carry it."""
 
     def weighted_values(self) -> Tensor:
         """``w_t L_t``, detached: the losses a gradient-level method is shown."""
         return (self.loss_weights * self.seen).detach()
 
     def weighted_tasks(self) -> list[Tensor]:
-        """``w_t L_t`` task by task, each in its own task's graph only (no stack that would
+        """``S w_t L_t`` task by task, each in its own task's graph only (no stack that would
         tie every task's backward to every head): what per-task gradients are taken of."""
-        pairs = zip(self.loss_weights.unbind(), self.losses.tensors, strict=True)
+        weights = self.loss_weights * self.scale if self.scale != 1 else self.loss_weights
+        pairs = zip(weights.unbind(), self.losses.tensors, strict=True)
         return [weight * loss.reshape(()) for weight, loss in pairs]
 
 
-def _prepare(method: Method, losses: LossesLike, ranks: Reducer | None) -> _Prepared:
+def _prepare(
+    method: Method, losses: LossesLike, ranks: Reducer | None, scaler: GradScaler | None = None
+) -> _Prepared:
     checked = collect_losses(losses, method.task_names, check_finite=ranks is None)
     seen = checked.values.detach()
     if ranks is not None:
@@ -130,7 +136,11 @@ def _prepare(method: Method, losses: LossesLike, ranks: Reducer | None) -> _Prep
         )
     scaled = loss_weights * checked.values
     total = scaled.sum() if offsets is None else (scaled + offsets).sum()
-    return _Prepared(checked, seen, loss_weights, total, ranks)
+    scale = 1.0
+    if scaler is not None and scaler.is_enabled():
+        total = scaler.scale(total)  # also starts the scaler's bookkeeping for scaler.step
+        scale = scaler.get_scale()
+    return _Prepared(checked, seen, loss_weights, total, ranks, scale)
 
 
 @dataclass
@@ -140,8 +150,8 @@ class _SharedUpdate:
     inputs: tuple[Tensor, ...]
     update: list[Tensor | None]
     weights: Tensor | None
-    norms: Tensor
-    cosines: Tensor
+    norms: Tensor | None
+    cosines: Tensor | None
 
 
 def _shared_update(
@@ -163,6 +173,11 @@ def _shared_update(
         gram = gramian(blocks, num_tasks)
         if ranks is not None and feature_level:
             gram = ranks.sum(gram) / ranks.world_size**2  # K = (1/R^2) sum_r K^r
+        gram = gram / prepared.scale**2
+        if not _finite_or_overflow(prepared, gram):
+            return _SharedUpdate(
+                inputs, combine(torch.ones_like(gram[0]), blocks), None, *_NO_NORMS
+            )
         norms, cosines = _norms_and_cosines(gram)
         _check_reachable(method, prepared.losses, norms, inputs)
         weights = method.shared_weights(prepared.weighted_values(), gram).detach()
@@ -172,9 +187,12 @@ def _shared_update(
     if ranks is not None and feature_level:
         # The global z is the concatenation of the shards' z^r; dL_t/dz^r = (1/R) dL_t^r/dz^r.
         matrix = torch.cat(ranks.gather(matrix / ranks.world_size), dim=1)
+    matrix = matrix / prepared.scale
+    if not _finite_or_overflow(prepared, matrix):
+        return _SharedUpdate(inputs, combine(torch.ones(num_tasks), blocks), None, *_NO_NORMS)
     norms, cosines = _norms_and_cosines(matrix @ matrix.T)
     _check_reachable(method, prepared.losses, norms, inputs)
-    flat = method.aggregate(prepared.weighted_values(), matrix).detach()
+    flat = method.aggregate(prepared.weighted_values(), matrix).detach() * prepared.scale
     if flat.shape != (matrix.shape[1],) or not torch.isfinite(flat).all():
         raise RuntimeError(f"{type(method).__name__}.aggregate returned a bad update")
     if ranks is not None and feature_level:
@@ -184,6 +202,24 @@ def _shared_update(
         start = ranks.rank * share
         flat = flat[start : start + share] * ranks.world_size
     return _SharedUpdate(inputs, list(from_matrix(flat, inputs)), None, norms, cosines)
+
+
+_NO_NORMS = (None, None)
+
+
+def _finite_or_overflow(prepared: _Prepared, values: Tensor) -> bool:
+    """Whether the per-task gradients are finite. Under a GradScaler an overflow is expected
+    now and then: the step goes through unweighted, so that the overflow reaches ``.grad``,
+    ``scaler.step`` skips the step and the scale is lowered; the method's state is not touched.
+    Without one it is an error, never a silent NaN."""
+    if bool(torch.isfinite(values).all()):
+        return True
+    if prepared.scale != 1:
+        return False
+    raise FloatingPointError(
+        "the per-task gradients are not finite (overflow in the model's backward?); with "
+        "mixed precision, pass scaler=<your torch.amp.GradScaler> to backward"
+    )
 
 
 def _describe(method: Method) -> str:
@@ -316,6 +352,7 @@ def backward(
     retain_graph: bool = False,
     sync: bool | None = None,
     process_group: dist.ProcessGroup | None = None,
+    scaler: GradScaler | None = None,
 ) -> StepInfo:
     """Fill ``.grad`` for one step of ``method``: the drop-in for ``sum(losses).backward()``.
 
@@ -334,6 +371,12 @@ def backward(
             initialised with more than one rank, ``True`` always, ``False`` never. Each rank's
             losses must be means over equal-sized shards.
         process_group: the group to reduce over (default: the whole world).
+        scaler: a ``torch.amp.GradScaler`` for mixed precision: pass the raw losses (not
+            ``scaler.scale(loss)``); the backward carries the scale so that small gradients
+            do not underflow, the per-task gradients are unscaled before the method sees
+            them, and ``.grad`` holds scaled gradients for ``scaler.step(optimizer)``. A step
+            whose per-task gradients overflow goes through unweighted so that
+            ``scaler.step`` skips it, as it skips any overflow; the method's state is untouched.
 
     Returns:
         A :class:`StepInfo` with the losses, weights, gradient norms and cosines.
@@ -357,7 +400,7 @@ def backward(
     >>> float(info.gradient_weights.sum())
     1.0
     """
-    prepared = _prepare(method, losses, reducer(sync, process_group))
+    prepared = _prepare(method, losses, reducer(sync, process_group), scaler)
     if method.requires is Requirement.LOSSES:
         prepared.total.backward(retain_graph=retain_graph)
         return _finish(method, prepared, None)

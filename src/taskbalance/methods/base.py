@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     import torch.distributed as dist
+    from torch.amp import GradScaler
 
     from taskbalance.engine.jacobian import JacobianMode
     from taskbalance.engine.losses import LossesLike
@@ -206,6 +207,7 @@ class Method(nn.Module):
         retain_graph: bool = False,
         sync: bool | None = None,
         process_group: dist.ProcessGroup | None = None,
+        scaler: GradScaler | None = None,
     ) -> StepInfo:
         """Replace ``sum(losses).backward()``: fill ``.grad`` as this method prescribes.
 
@@ -220,6 +222,7 @@ class Method(nn.Module):
             retain_graph=retain_graph,
             sync=sync,
             process_group=process_group,
+            scaler=scaler,
         )
 
     def gradients(

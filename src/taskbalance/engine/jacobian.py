@@ -50,14 +50,27 @@ def task_jacobian(
     """
     if mode not in ("auto", "batched", "loop"):
         raise ValueError(f"jacobian mode must be 'auto', 'batched' or 'loop', got {mode!r}")
-    if mode == "batched" or (mode == "auto" and _batching_pays_off(outputs[0].device)):
-        try:
-            return _batched(outputs, inputs)
-        except RuntimeError as error:
-            if mode == "batched":
-                raise
-            _warn_fallback(error)
-    return _loop(outputs, inputs)
+    try:
+        if mode == "batched" or (mode == "auto" and _batching_pays_off(outputs[0].device)):
+            try:
+                return _batched(outputs, inputs)
+            except RuntimeError as error:
+                if mode == "batched":
+                    raise
+                _warn_fallback(error)
+        return _loop(outputs, inputs)
+    except RuntimeError as error:
+        if "donated buffers" in str(error):
+            raise RuntimeError(_DONATED_BUFFERS) from error
+        raise
+
+
+_DONATED_BUFFERS = (
+    "per-task gradients need one backward per task through the same graph "
+    "(retain_graph=True), which a torch.compile'd module refuses while it donates its "
+    "buffers. Either set torch._functorch.config.donated_buffer = False before compiling, "
+    "or use level='feature' so that the per-task passes run through the heads only"
+)
 
 
 def _batching_pays_off(device: torch.device) -> bool:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +47,7 @@ from taskbalance.engine import (
     unique_tensors,
 )
 from taskbalance.engine.requirement import Requirement
-from taskbalance.errors import InvalidLossError
+from taskbalance.errors import InvalidLossError, NonFiniteLossError
 
 if TYPE_CHECKING:
     import torch.distributed as dist
@@ -73,6 +73,8 @@ class StepInfo:
         cosines: the T x T cosines between the per-task gradients (0 where a gradient is
             zero); ``None`` when not computed.
         level: ``"feature"``, ``"parameter"``, or ``None`` for loss-level methods.
+        skipped: the step was skipped because a loss was not finite
+            (``on_nonfinite="skip"``): nothing was back-propagated, ``loss_weights`` are zeros.
     """
 
     tasks: tuple[str, ...]
@@ -82,6 +84,7 @@ class StepInfo:
     grad_norms: Tensor | None = None
     cosines: Tensor | None = None
     level: str | None = None
+    skipped: bool = False
 
     @property
     def weights(self) -> Tensor:
@@ -353,6 +356,7 @@ def backward(
     sync: bool | None = None,
     process_group: dist.ProcessGroup | None = None,
     scaler: GradScaler | None = None,
+    on_nonfinite: Literal["raise", "skip"] = "raise",
 ) -> StepInfo:
     """Fill ``.grad`` for one step of ``method``: the drop-in for ``sum(losses).backward()``.
 
@@ -377,6 +381,10 @@ def backward(
             them, and ``.grad`` holds scaled gradients for ``scaler.step(optimizer)``. A step
             whose per-task gradients overflow goes through unweighted so that
             ``scaler.step`` skips it, as it skips any overflow; the method's state is untouched.
+        on_nonfinite: what a NaN or infinite loss does: ``"raise"`` (default) a
+            :class:`NonFiniteLossError` naming the task, or ``"skip"`` the step: nothing is
+            back-propagated, the method's state is untouched, ``method.skipped_steps`` counts
+            it and the returned record has ``skipped=True``.
 
     Returns:
         A :class:`StepInfo` with the losses, weights, gradient norms and cosines.
@@ -384,7 +392,8 @@ def backward(
     Raises:
         InvalidLossError: a loss that is not a finite scalar requiring grad, or that does not
             depend on the shared part (the message names the task).
-        NonFiniteLossError: a NaN or infinite loss; nothing is back-propagated.
+        NonFiniteLossError: a NaN or infinite loss (unless ``on_nonfinite="skip"``); nothing
+            is back-propagated.
 
     Cost under torch.distributed: an all-reduce of the T losses for every method; feature level
     adds a T x T all-reduce (Gramian methods) or an all-gather of the ``T x |z|`` z-Jacobian
@@ -400,7 +409,21 @@ def backward(
     >>> float(info.gradient_weights.sum())
     1.0
     """
-    prepared = _prepare(method, losses, reducer(sync, process_group), scaler)
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+    try:
+        prepared = _prepare(method, losses, reducer(sync, process_group), scaler)
+    except NonFiniteLossError as error:
+        if on_nonfinite == "raise" or error.values is None:
+            raise
+        method.skipped_steps += 1
+        return StepInfo(
+            tasks=error.names,
+            losses=error.values,
+            loss_weights=torch.zeros_like(error.values),
+            level=method.level,
+            skipped=True,
+        )
     if method.requires is Requirement.LOSSES:
         prepared.total.backward(retain_graph=retain_graph)
         return _finish(method, prepared, None)

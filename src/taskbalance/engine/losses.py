@@ -68,6 +68,8 @@ def collect_losses(
             f"the task losses live on different devices: {sorted(map(str, devices))}"
         )
     values = torch.stack([loss.reshape(()) for loss in tensors])
+    if values.dtype in (torch.float16, torch.bfloat16):
+        values = values.float()  # loss weights and solves are ill-served by half precision
     if check_finite:
         check_finite_losses(names, values)
     return TaskLosses(names, tensors, values, from_mapping)
@@ -78,12 +80,16 @@ def check_finite_losses(names: Sequence[str], values: Tensor) -> None:
 
     >>> check_finite_losses(["a"], torch.tensor([1.0]))  # fine: returns None
     """
-    bad = ~torch.isfinite(values.detach())
+    values = values.detach()
+    bad = ~torch.isfinite(values)
     if bad.any():
         indices = bad.nonzero().flatten().tolist()
         listed = ", ".join(f"'{names[i]}' = {values[i].item()}" for i in indices)
         raise NonFiniteLossError(
-            f"non-finite task loss: {listed}; nothing was back-propagated", task=names[indices[0]]
+            f"non-finite task loss: {listed}; nothing was back-propagated",
+            task=names[indices[0]],
+            names=tuple(names),
+            values=values,
         )
 
 

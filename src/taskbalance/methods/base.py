@@ -18,7 +18,7 @@ autograd work.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +66,8 @@ class Method(nn.Module):
         super().__init__()
         self._task_names: tuple[str, ...] | None = None
         self._num_tasks: int | None = None
+        self.skipped_steps = 0
+        """Steps skipped for a non-finite loss (``backward(..., on_nonfinite="skip")``)."""
         if isinstance(tasks, int) and not isinstance(tasks, bool):
             if tasks < 1:
                 raise ValueError(f"{type(self).__name__}: tasks must be >= 1, got {tasks}")
@@ -152,8 +154,12 @@ class Method(nn.Module):
             )
 
     def get_extra_state(self) -> dict[str, Any]:
-        """The task names and count, saved in ``state_dict`` with the method's tensors."""
-        return {"num_tasks": self._num_tasks, "task_names": self._task_names}
+        """The tasks and the skipped-step count, saved in ``state_dict`` with the tensors."""
+        return {
+            "num_tasks": self._num_tasks,
+            "task_names": self._task_names,
+            "skipped_steps": self.skipped_steps,
+        }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         """Restore the tasks; loading a state for another number of tasks is an error."""
@@ -164,6 +170,7 @@ class Method(nn.Module):
             )
         self._num_tasks = state["num_tasks"] or self._num_tasks
         self._task_names = state["task_names"] or self._task_names
+        self.skipped_steps = state.get("skipped_steps", 0)
 
     # -- the maths (override) ---------------------------------------------------------------
     def loss_weights(self, losses: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -208,6 +215,7 @@ class Method(nn.Module):
         sync: bool | None = None,
         process_group: dist.ProcessGroup | None = None,
         scaler: GradScaler | None = None,
+        on_nonfinite: Literal["raise", "skip"] = "raise",
     ) -> StepInfo:
         """Replace ``sum(losses).backward()``: fill ``.grad`` as this method prescribes.
 
@@ -223,6 +231,7 @@ class Method(nn.Module):
             sync=sync,
             process_group=process_group,
             scaler=scaler,
+            on_nonfinite=on_nonfinite,
         )
 
     def gradients(

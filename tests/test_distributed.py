@@ -55,3 +55,15 @@ def test_two_ranks_match_one_process_on_the_joined_batch(two_rank_results, index
     single = ranks.train(name, options, rank=0, world_size=1, ddp=False)
     for distributed, expected in zip(two_rank_results[index], single, strict=True):
         torch.testing.assert_close(distributed, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank(tmp_path):
+    out_file = tmp_path / "raised.pt"
+    mp.spawn(
+        ranks.nan_on_one_rank_worker,
+        args=(2, str(tmp_path / "init"), str(out_file)),
+        nprocs=2,
+        join=True,
+    )
+    messages = torch.load(out_file)
+    assert all("'2' = nan" in message for message in messages), messages

@@ -85,3 +85,29 @@ def worker(rank: int, world_size: int, init_file: str, configs: list, out_file: 
             torch.save(results, out_file)
     finally:
         dist.destroy_process_group()
+
+
+def nan_on_one_rank_worker(rank: int, world_size: int, init_file: str, out_file: str) -> None:
+    """Rank 1's loss is NaN: every rank must raise, none may wait in a collective."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    try:
+        model = Net()
+        x, y = data()
+        z, predictions = model(x[rank::world_size])
+        losses = [(p - y[rank::world_size, t]).pow(2).mean() for t, p in enumerate(predictions)]
+        if rank == 1:
+            losses[2] = losses[2] * float("nan")
+        try:
+            taskbalance.IMTLG().backward(losses, features=z, sync=True)
+            raised = ""
+        except taskbalance.NonFiniteLossError as error:
+            raised = str(error)
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, raised)
+        if rank == 0:
+            torch.save(gathered, out_file)
+    finally:
+        dist.destroy_process_group()

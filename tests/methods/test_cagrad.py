@@ -1,0 +1,78 @@
+"""CAGrad: c = 0 is the mean, optimality of the worst-case improvement, and an independent
+scipy solve of the dual (torchjd's CAGrad needs cvxpy and clarabel, which are not
+dependencies here, so it cannot serve as the reference)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from support.samplers import GENERIC_SAMPLERS, random_jacobian
+from taskbalance.methods.cagrad import CAGrad, cagrad_inner, cagrad_weights
+
+
+@pytest.mark.parametrize("sampler", GENERIC_SAMPLERS)
+def test_c_zero_gives_the_mean_gradient(sampler):
+    jacobian = sampler(5, 20, seed=1)
+    torch.testing.assert_close(
+        cagrad_weights(jacobian @ jacobian.T, c=0.0), torch.full((5,), 0.2, dtype=torch.float64)
+    )
+
+
+@pytest.mark.parametrize("sampler", GENERIC_SAMPLERS)
+@pytest.mark.parametrize("num_tasks", [2, 3, 6])
+def test_update_maximises_the_worst_improvement_on_the_ball(sampler, num_tasks):
+    jacobian = sampler(num_tasks, 30, seed=num_tasks)
+    gram = jacobian @ jacobian.T
+    dual = cagrad_inner(gram, 0.5)
+    update = cagrad_weights(gram, 0.5, rescale="none") @ jacobian
+    mean = jacobian.mean(dim=0)
+    improvements = jacobian @ update
+    scale = jacobian.norm(dim=1).max() * update.norm()
+    # The update lies on the ball's boundary ...
+    assert (update - mean).norm().item() == pytest.approx(0.5 * mean.norm().item(), rel=1e-9)
+    # ... and every task the dual puts weight on has the smallest improvement (KKT).
+    support = improvements[dual > 1e-12]
+    assert (support - improvements.min()).abs().max() <= 1e-9 * scale
+    # The mean gradient is in the ball, so the worst improvement cannot be below its own.
+    assert improvements.min() >= (jacobian @ mean).min() - 1e-9 * scale
+
+
+def test_rescale_divides_by_one_plus_c_squared_by_default():
+    gram = random_jacobian(3, 10, seed=2) @ random_jacobian(3, 10, seed=2).T
+    plain = cagrad_weights(gram, 0.4, rescale="none")
+    torch.testing.assert_close(CAGrad(c=0.4).shared_weights(torch.ones(3), gram), plain / 1.16)
+    torch.testing.assert_close(cagrad_weights(gram, 0.4, rescale="1+c"), plain / 1.4)
+
+
+def test_rejects_a_negative_c():
+    with pytest.raises(ValueError, match="c must be >= 0"):
+        CAGrad(c=-0.1)
+
+
+def test_dual_is_at_least_as_good_as_scipy_slsqp_on_a_hundred_jacobians():
+    np = pytest.importorskip("numpy")
+    optimize = pytest.importorskip("scipy.optimize")
+    # The paper's own solver (SLSQP on the simplex): ours must reach an objective at most
+    # SLSQP's (SLSQP stops at ftol; both are float64), and never be worse by more than rounding.
+    for seed in range(120):
+        num_tasks = 2 + seed % 6
+        jacobian = GENERIC_SAMPLERS[seed % 4](num_tasks, 30, seed=seed)
+        gram = (jacobian @ jacobian.T).numpy()
+        b = gram.sum(axis=1) / num_tasks
+        radius = 0.5 * np.sqrt(gram.sum()) / num_tasks
+
+        def objective(w, gram=gram, b=b, radius=radius):
+            return b @ w + radius * np.sqrt(max(w @ gram @ w, 0.0))
+
+        start = np.full(num_tasks, 1.0 / num_tasks)
+        result = optimize.minimize(
+            objective,
+            start,
+            bounds=[(0, 1)] * num_tasks,
+            constraints=({"type": "eq", "fun": lambda w: 1 - w.sum()},),
+            method="SLSQP",
+            options={"ftol": 1e-12, "maxiter": 500},
+        )
+        ours = objective(cagrad_inner(torch.from_numpy(gram), 0.5).numpy())
+        assert ours <= result.fun + 1e-9 * abs(result.fun) + 1e-12 * gram.diagonal().max()

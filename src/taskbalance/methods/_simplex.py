@@ -209,8 +209,8 @@ def power_equation(
     residual of 1e-9, the problem is solved again with ``ridge`` times each diagonal entry
     added to the diagonal (``ridge`` for a zero gradient, after normalisation): the weights along
     the offending direction become large but finite, and contribute (almost) nothing to
-    ``G^T a``. The zero Gramian
-    gives ones.
+    ``G^T a``. The zero Gramian gives ones, and so does a problem that not even the ridge makes
+    solvable (exactly opposite gradients in one dimension, found by the property tests).
 
     Args:
         gramian: ``K``, T x T, symmetric PSD.
@@ -247,7 +247,11 @@ def power_equation(
         # others' are not swamped by the ridge.
         diagonal = k.diagonal().clamp_min(0)
         k = k + torch.diag(ridge * torch.where(diagonal > 0, diagonal, 1.0))
-        a, _ = _newton(k, alpha, None, max_iter, rtol)
+        a, residual = _newton(k, alpha, None, max_iter, rtol)
+        if residual == float("inf"):
+            # Not even the ridge helped (e.g. exactly opposite gradients in one dimension):
+            # equal weights, never a NaN.
+            return k.new_ones(num)
     return a * rescale
 
 
@@ -279,7 +283,10 @@ def _newton(
         if not relative > rtol:
             break
         hessian = k + torch.diag(power / (alpha * a))
-        direction = -torch.linalg.solve(hessian, residual)
+        solution, info = torch.linalg.solve_ex(hessian, residual)
+        if info.item() != 0 or not torch.isfinite(solution).all():
+            break  # the iterates ran off to where the Hessian is singular: no solution here
+        direction = -solution
         # Fraction to the boundary: stay strictly positive.
         shrinking = direction < 0
         step = 1.0

@@ -42,6 +42,11 @@ class SharedBottom(nn.Module):
         )
         self.heads = nn.ModuleList(nn.Linear(hidden, 1) for _ in range(num_tasks))
 
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The trunk output z (what every head reads) and each head's prediction."""
+        z = self.trunk(x)
+        return z, [head(z).squeeze(-1) for head in self.heads]
+
 
 def run(method_name: str = "imtl", steps: int = 600, every: int = 100, seed: int = 0) -> dict:
     """Train on Linnerud with one method; print losses and weights every ``every`` steps.
@@ -65,10 +70,10 @@ def run(method_name: str = "imtl", steps: int = 600, every: int = 100, seed: int
     header = "step  " + "  ".join(f"{f'loss {t}':>12}" for t in TASKS) + "   weights"
     print(header)
     for step in range(1, steps + 1):
-        z = model.trunk(x)
+        z, predictions = model(x)
         losses = {
-            task: nn.functional.mse_loss(head(z).squeeze(-1), y[:, i])
-            for i, (task, head) in enumerate(zip(TASKS, model.heads, strict=True))
+            task: nn.functional.mse_loss(p, y[:, i])
+            for i, (task, p) in enumerate(zip(TASKS, predictions, strict=True))
         }
         optimizer.zero_grad()
         info = method.backward(losses, shared=model.trunk, features=z)

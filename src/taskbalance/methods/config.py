@@ -73,7 +73,10 @@ class ConFIG(Method):
     """
 
     name = "config"
-    paper = "Liu et al., ConFIG: Towards Conflict-free Training of Physics Informed Neural Networks, ICLR 2025"
+    paper = (
+        "Liu et al., ConFIG: Towards Conflict-free Training of Physics Informed Neural "
+        "Networks, ICLR 2025"
+    )
     requires = Requirement.GRAMIAN
     levels = ("feature", "parameter")
     default_level = "parameter"

@@ -1,10 +1,17 @@
-"""The ``taskbalance`` command: ``taskbalance quickstart``, ``taskbalance methods``."""
+"""The ``taskbalance`` command: ``bench``, ``datasets``, ``methods``, ``quickstart``.
+
+The benchmark modules (and their optional dependencies: pandas, scikit-learn, tqdm,
+matplotlib) are imported only by the subcommands that need them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
 
 from taskbalance.methods.registry import hyperparameters, list_methods, method_class
 
@@ -34,6 +41,381 @@ def _quickstart(args: argparse.Namespace) -> None:
         run(method, steps=args.steps, every=args.every, seed=args.seed)
 
 
+#: The lr grid of ``--tune`` and of ``--full`` (chosen per method on validation).
+TUNE_GRID: tuple[float, ...] = (3e-3, 1e-3, 3e-4)
+#: The default (quick) protocol: fits in 15 minutes on 2 CPU cores (see docs/benchmarks.md).
+QUICK = {"dataset": "qm9", "train_size": 20_000, "epochs": 12, "seeds": 1, "lr": 1e-3}
+#: The full protocol (--full): every training row, 3 seeds, more epochs, the lr grid.
+FULL = {"train_size": None, "epochs": 40, "seeds": 3, "lr_grid": (1e-3, 3e-4)}
+
+BENCH_EPILOG = """\
+methods: registry names ('taskbalance methods' lists them) or the pseudo-method 'adatask'
+  (EW with the AdaTask Adam optimizer; 'adatask:base=imtl_l' pairs it with another loss-level
+  method). Hyperparameters: NAME:key=value,key=value, e.g. imtl_g:level=parameter or
+  cagrad:c=0.4. Values are read as int, float, true/false, none, or strings. A method may be
+  given several times with different hyperparameters.
+
+defaults: with no arguments, QM9 (11 regression targets with very different difficulties; the
+  descriptor model, not a graph network) on a 20,000-molecule training subset, 12 epochs, 1 seed,
+  lr 1e-3 fixed (no grid: a grid would multiply the ~10-minute budget), the single-task baselines
+  and every default method available. --full: the whole training split, 40 epochs, 3 seeds and
+  the lr grid 1e-3, 3e-4 (hours on a CPU). --tune: the lr grid 3e-3, 1e-3, 3e-4 for every method
+  and baseline, chosen per method on validation.
+
+outputs (--out): results.csv, results.json, report.md, validation_curves.png, task_weights.png,
+  train.log, checkpoints/ (one per run, after every epoch; --resume continues from them).
+"""
+
+
+def _method_spec(text: str):
+    from taskbalance.bench.runner import parse_method_spec
+
+    try:
+        return parse_method_spec(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _lr_grid(text: str) -> list[float]:
+    return [_positive_float(part) for part in text.split(",") if part.strip()]
+
+
+def _loss_scale(text: str) -> tuple[str, float]:
+    task, eq, factor = text.partition("=")
+    if not eq or not task:
+        raise argparse.ArgumentTypeError(f"expected TASK=FACTOR (e.g. mu=10), got {text!r}")
+    return task, _positive_float(factor)
+
+
+def _missing_extra(error: ImportError) -> Callable[[argparse.Namespace], None]:
+    def run(_: argparse.Namespace) -> None:
+        raise SystemExit(
+            f"taskbalance: this command needs the benchmark extras ({error}); "
+            "pip install 'taskbalance[bench]'"
+        )
+
+    return run
+
+
+def _add_bench(commands: argparse._SubParsersAction) -> None:
+    try:
+        from taskbalance.bench.data import DATASETS
+        from taskbalance.bench.models import ARCHITECTURES
+    except ImportError as error:  # pandas and friends: the optional [bench] extra
+        stub = commands.add_parser("bench", help="benchmark methods (needs taskbalance[bench])")
+        stub.set_defaults(run=_missing_extra(error))
+        return
+
+    bench = commands.add_parser(
+        "bench",
+        help="benchmark methods on real data: table of per-task metrics, Delta m %%, time/step",
+        description="Train the single-task baselines and each method on a real multi-task "
+        "dataset under one protocol (same epochs, batch, lr grid for all; selection on the "
+        "validation split) and print a paper-style table.",
+        epilog=BENCH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default=None,
+        metavar="NAME",
+        help=f"one of: {', '.join(DATASETS)} (default {QUICK['dataset']})",
+    )
+    bench.add_argument(
+        "--methods",
+        nargs="+",
+        type=_method_spec,
+        default=None,
+        metavar="SPEC",
+        help="methods to compare, NAME or NAME:key=value,... (default: ew imtl_l "
+        "imtl_g imtl emtl adatask uw dwa rlw mgda pcgrad cagrad famo nash_mtl, "
+        "those that exist)",
+    )
+    bench.add_argument(
+        "--arch",
+        choices=ARCHITECTURES,
+        default="hps",
+        help="hps (LeNet trunk for images, MLP shared bottom for tabular data), "
+        "mmoe or ple (tabular data only); default hps",
+    )
+    bench.add_argument(
+        "--hidden",
+        type=_positive_int,
+        default=None,
+        help="width of the MLP bottom / of each expert (tabular; default 256 / 64)",
+    )
+    bench.add_argument(
+        "--layers",
+        type=_positive_int,
+        default=None,
+        help="depth of the MLP shared bottom (tabular hps; default 2)",
+    )
+    bench.add_argument(
+        "--experts",
+        type=_positive_int,
+        default=None,
+        help="number of shared experts (mmoe default 4, ple default 2)",
+    )
+    bench.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=None,
+        help=f"epochs per run (default {QUICK['epochs']}, --full {FULL['epochs']})",
+    )
+    bench.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=None,
+        help=f"number of seeds 0..N-1 (default {QUICK['seeds']}, --full {FULL['seeds']})",
+    )
+    bench.add_argument("--batch-size", type=_positive_int, default=256, help="default 256")
+    bench.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=None,
+        help=f"one learning rate for every run (default {QUICK['lr']:g})",
+    )
+    bench.add_argument(
+        "--lr-grid",
+        type=_lr_grid,
+        default=None,
+        metavar="LR,LR,...",
+        help="a learning-rate grid, the same for every method and baseline; each "
+        "method keeps the lr with the best mean validation loss",
+    )
+    bench.add_argument(
+        "--tune",
+        action="store_true",
+        help=f"shorthand for --lr-grid {','.join(f'{v:g}' for v in TUNE_GRID)}",
+    )
+    bench.add_argument("--weight-decay", type=float, default=0.0, help="Adam L2 (default 0)")
+    bench.add_argument(
+        "--train-size",
+        type=_positive_int,
+        default=None,
+        help="keep a seeded subset of N training rows (default: 20000 for the "
+        "default QM9 run, else all)",
+    )
+    bench.add_argument(
+        "--loss-scale",
+        type=_loss_scale,
+        action="append",
+        default=[],
+        metavar="TASK=FACTOR",
+        help="multiply TASK's loss by FACTOR (the IMTL paper's x10 experiment: "
+        "e.g. --loss-scale mu=10); repeatable",
+    )
+    bench.add_argument(
+        "--regression-loss",
+        choices=("mse", "l1"),
+        default="mse",
+        help="loss on standardised regression targets (default mse)",
+    )
+    bench.add_argument(
+        "--no-single-task", action="store_true", help="skip the single-task baselines (no Delta m)"
+    )
+    bench.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    bench.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="torch CPU threads (default 1 on CPU: small models, shared cores)",
+    )
+    bench.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="output folder (default ./taskbalance-bench/<dataset>)",
+    )
+    bench.add_argument(
+        "--cache-dir",
+        default=None,
+        metavar="DIR",
+        help="dataset cache (default $TASKBALANCE_CACHE or ~/.cache/taskbalance)",
+    )
+    bench.add_argument(
+        "--data-root",
+        default=None,
+        metavar="DIR",
+        help="a folder with the raw dataset files, instead of fetching them",
+    )
+    bench.add_argument(
+        "--timing-rounds",
+        type=int,
+        default=5,
+        metavar="N",
+        help="after training, time every method in N interleaved rounds of 10 steps (robust "
+        "to a machine whose load drifts); 0: report each run's own median step (default 5)",
+    )
+    bench.add_argument(
+        "--full",
+        action="store_true",
+        help="the full protocol: all training rows, 40 epochs, 3 seeds, lr grid "
+        "1e-3,3e-4 (explicit options override)",
+    )
+    bench.add_argument(
+        "--resume", action="store_true", help="continue from the checkpoints in the output folder"
+    )
+    bench.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print the per-epoch log lines (always written to train.log)",
+    )
+    bench.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bench.set_defaults(run=_bench)  # fmt: skip
+
+
+def bench_config(args: argparse.Namespace):
+    """The :class:`~taskbalance.bench.benchmark.BenchConfig` that ``args`` describe."""
+    from taskbalance.bench.benchmark import BenchConfig, default_methods
+
+    dataset = args.dataset or QUICK["dataset"]
+    full = args.full
+    if args.lr_grid is not None:
+        lrs = list(args.lr_grid)
+    elif args.tune:
+        lrs = list(TUNE_GRID)
+    elif args.lr is not None:
+        lrs = [args.lr]
+    else:
+        lrs = list(FULL["lr_grid"]) if full else [QUICK["lr"]]
+    if args.train_size is not None:
+        train_size = args.train_size
+    elif full or dataset != QUICK["dataset"]:
+        train_size = None
+    else:
+        train_size = QUICK["train_size"]
+    epochs = args.epochs or (FULL["epochs"] if full else QUICK["epochs"])
+    seeds = args.seeds or (FULL["seeds"] if full else QUICK["seeds"])
+    model_options = {
+        key: value
+        for key, value in (
+            ("hidden", args.hidden),
+            ("layers", args.layers),
+            ("experts", args.experts),
+        )
+        if value is not None
+    }
+    data_options = {}
+    if args.cache_dir is not None:
+        data_options["cache_dir"] = args.cache_dir
+    if args.data_root is not None:
+        data_options["root"] = args.data_root
+    return BenchConfig(
+        dataset=dataset,
+        methods=list(args.methods) if args.methods else default_methods(),
+        arch=args.arch,
+        model_options=model_options,
+        epochs=epochs,
+        batch_size=args.batch_size,
+        seeds=list(range(seeds)),
+        lrs=lrs,
+        weight_decay=args.weight_decay,
+        device=args.device,
+        loss_scale=dict(args.loss_scale),
+        regression_loss=args.regression_loss,
+        train_size=train_size,
+        data_options=data_options,
+        single_task=not args.no_single_task,
+        out_dir=args.out or str(Path("taskbalance-bench") / dataset),
+        resume=args.resume,
+        timing_rounds=max(args.timing_rounds, 0),
+    )
+
+
+def _bench(args: argparse.Namespace) -> None:
+    import shlex
+
+    from taskbalance.bench.benchmark import load_bench_data, run_benchmark
+    from taskbalance.bench.data import ChecksumError, FetchError
+
+    config = bench_config(args)
+    # One intra-op thread by default on CPU: the benchmark's models are small, and on a shared
+    # 2-core machine two threads per process were measured 2-30x slower (oversubscription).
+    if args.threads is not None or args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    try:
+        data = load_bench_data(config)
+    except (FetchError, ChecksumError) as error:
+        raise SystemExit(f"taskbalance bench: {error}") from None
+    unknown = sorted(set(config.loss_scale) - set(data.task_names))
+    if unknown:
+        raise SystemExit(
+            f"taskbalance bench: --loss-scale names unknown task(s) {', '.join(unknown)}; "
+            f"tasks of {data.name}: {', '.join(data.task_names)}"
+        )
+    if config.arch != "hps" and data.train.x.dim() != 2:
+        raise SystemExit(f"taskbalance bench: --arch {config.arch} is for tabular data; "
+                         f"{data.name} has images: use --arch hps")  # fmt: skip
+    notes = []
+    if len(config.lrs) == 1:
+        notes.append(
+            f"fixed learning rate {config.lrs[0]:g} for every method (no grid; --tune or "
+            "--lr-grid gives every method the same small grid, chosen on validation)"
+        )
+    command = "taskbalance " + " ".join(map(shlex.quote, args.argv))
+    print(f"methods: {', '.join(m.label for m in config.methods)}")
+    result = run_benchmark(
+        config, data=data, command=command.strip(), progress=not args.no_progress,
+        verbose=args.verbose, notes=notes,
+    )  # fmt: skip
+    print()
+    print(result.table)
+    print()
+    for note in notes:
+        print(note)
+    print(f"finished in {result.seconds:.0f} s; written:")
+    for kind, path in result.files.items():
+        print(f"  {kind:18s} {path}")
+
+
+def _datasets(args: argparse.Namespace) -> None:
+    from taskbalance.bench.data import CARRIERS, DATASETS, cache_root
+
+    carriers = {
+        "multi_mnist": ("mnist",), "multi_fashion": ("fashion_mnist",),
+        "multi_fashion_mnist": ("mnist", "fashion_mnist"), "census_income": ("census_income",),
+        "qm9": ("qm9",), "movielens": ("widedeep",), "rf1": ("widedeep",),
+    }  # fmt: skip
+    root = cache_root(args.cache_dir)
+    print(f"cache: {root}")
+    rows = [("name", "cached", "carrier (registry package==version, MB)")]
+    for name in DATASETS:
+        keys = carriers.get(name, ())
+        cached = bool(keys) and all((root / CARRIERS[k].filename).exists() for k in keys)
+        where = "; ".join(
+            f"{CARRIERS[k].manager} {CARRIERS[k].package}=={CARRIERS[k].version} "
+            f"({CARRIERS[k].approx_mb})"
+            for k in keys
+        )
+        rows.append((name, "yes" if cached else "no", where or "?"))
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    for row in rows:
+        print(f"{row[0].ljust(widths[0])}  {row[1].ljust(widths[1])}  {row[2]}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``taskbalance`` command."""
     parser = argparse.ArgumentParser(
@@ -42,6 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     listing = commands.add_parser("methods", help="list the methods with level, needs, paper")
     listing.set_defaults(run=_methods)
+    _add_bench(commands)
+    datasets = commands.add_parser(
+        "datasets", help="list the benchmark datasets and whether their archives are cached"
+    )
+    datasets.add_argument("--cache-dir", default=None, metavar="DIR", help="the cache to look in")
+    datasets.set_defaults(run=_datasets)
     quick = commands.add_parser(
         "quickstart",
         help="train a small multi-task model on real data (Linnerud) and print losses, weights",
@@ -64,7 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``taskbalance`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     args.run(args)
     return 0
 

@@ -1,0 +1,430 @@
+"""The paper-style table and the files a benchmark writes (CSV, JSON, Markdown, PNG plots).
+
+:func:`summarize` turns the selected runs (one per method and seed, plus the single-task
+baselines) into :class:`Row` objects:
+
+* per task: the test metric's mean and standard deviation over seeds (sample std, ``n - 1``;
+  0 for one seed);
+* Delta m % per seed against the single-task baselines of the SAME seed, then mean and std;
+* time per step: the median over seeds of each run's median step time, and its ratio to EW's;
+* a mark per cell versus EW: ``+`` (better) or ``-`` (worse) when ``|mean - mean_EW|`` exceeds
+  ``std + std_EW`` (the two mean +- std intervals do not overlap). With one seed there is no
+  spread and nothing is marked.
+
+:func:`write_outputs` writes ``results.csv`` (one row per method, seed, task, metric),
+``results.json`` (the table, every run with its per-epoch history, the command), ``report.md``
+and the plots, each to a temporary name then renamed, so an interrupted run leaves no
+half-written file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import statistics
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from taskbalance.bench.data.types import MultiTaskData
+from taskbalance.bench.metrics import HIGHER_IS_BETTER, delta_m
+from taskbalance.bench.runner import RunResult
+
+STL = "single-task"
+
+
+@dataclass
+class Cell:
+    """Mean and std over seeds of one number, and its mark versus EW (``""``, ``"+"``, ``"-"``)."""
+
+    mean: float
+    std: float
+    n: int
+    mark: str = ""
+
+    def text(self, digits: int = 4) -> str:
+        """``mean ± std`` with the mark, or ``-`` when there is no value."""
+        if self.n == 0 or not math.isfinite(self.mean):
+            return "-"
+        spread = f" ± {self.std:.{digits}g}" if self.n > 1 else ""
+        return f"{self.mean:.{digits}g}{spread}{self.mark}"
+
+
+def _cell(values: Sequence[float]) -> Cell:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return Cell(math.nan, math.nan, 0)
+    std = statistics.stdev(finite) if len(finite) > 1 else 0.0
+    return Cell(statistics.fmean(finite), std, len(finite))
+
+
+@dataclass
+class Row:
+    """One line of the table: a method (or the single-task baselines) over its seeds."""
+
+    label: str
+    metrics: dict[str, Cell]
+    delta_m: Cell
+    step_ms: float
+    time_ratio: float
+    lr: float | None
+    seeds: list[int]
+    status: str
+    best_epochs: list[int] = field(default_factory=list)
+
+
+def _mark(cell: Cell, ew: Cell, higher_is_better: bool) -> str:
+    if cell.n < 2 or ew.n < 2 or not math.isfinite(cell.mean) or not math.isfinite(ew.mean):
+        return ""
+    diff = cell.mean - ew.mean
+    if abs(diff) <= cell.std + ew.std:
+        return ""
+    return "+" if (diff > 0) == higher_is_better else "-"
+
+
+def stl_metrics(runs: Sequence[RunResult]) -> dict[int, dict[str, float]]:
+    """Each seed's single-task test metrics ``{seed: {task: value}}``, from ``stl:<task>`` runs."""
+    out: dict[int, dict[str, float]] = {}
+    for run in runs:
+        if run.label.startswith("stl:"):
+            out.setdefault(run.config["seed"], {}).update(run.test_metrics)
+    return out
+
+
+def summarize(
+    data: MultiTaskData,
+    runs: Sequence[RunResult],
+    ew_label: str = "ew",
+    timing: Mapping[str, float] | None = None,
+) -> list[Row]:
+    """The table's rows: single-task baselines first (if any), then methods in run order.
+
+    ``runs`` are the selected runs (one per label and seed). ``timing`` (``{label: ms}``, from
+    :func:`taskbalance.bench.runner.time_steps`) replaces the runs' own step times when given.
+    See the module docstring for the statistics and marks.
+
+    >>> from taskbalance.bench.data.types import MultiTaskData, Split, TaskSpec
+    >>> import torch
+    >>> s = Split(torch.zeros(1, 1), {"a": torch.zeros(1)})
+    >>> d = MultiTaskData("toy", (TaskSpec("a", "regression", 1, "mae", False),), s, s, s, "", "")
+    >>> def run(label, mae):
+    ...     return RunResult({"seed": 0, "lr": 1e-3}, label, ["a"], [], 1, {}, {"a": mae}, {},
+    ...                      1.0, "ok", None, 0.0)
+    >>> rows = summarize(d, [run("stl:a", 2.0), run("ew", 1.0)])
+    >>> [(r.label, r.delta_m.mean) for r in rows]
+    [('single-task', 0.0), ('ew', -50.0)]
+    """
+    tasks = data.task_names
+    hib = {t: HIGHER_IS_BETTER[data.task(t).metric] for t in tasks}
+    baselines = stl_metrics(runs)
+    groups: dict[str, list[RunResult]] = {}
+    for run in runs:
+        key = STL if run.label.startswith("stl:") else run.label
+        groups.setdefault(key, []).append(run)
+    rows: list[Row] = []
+    for label, group in sorted(groups.items(), key=lambda kv: kv[0] != STL):
+        rows.append(_row(label, group, tasks, hib, baselines, timing or {}))
+    ew = next((r for r in rows if r.label == ew_label), None)
+    for row in rows:
+        row.time_ratio = row.step_ms / ew.step_ms if ew is not None and ew.step_ms > 0 else math.nan
+        if ew is None or row is ew or row.label == STL:
+            continue
+        for t in tasks:
+            row.metrics[t].mark = _mark(row.metrics[t], ew.metrics[t], hib[t])
+        row.delta_m.mark = _mark(row.delta_m, ew.delta_m, False)
+    return rows
+
+
+def _row(
+    label: str,
+    group: Sequence[RunResult],
+    tasks: Sequence[str],
+    hib: Mapping[str, bool],
+    baselines: Mapping[int, Mapping[str, float]],
+    timing: Mapping[str, float],
+) -> Row:
+    seeds = sorted({r.config["seed"] for r in group})
+    per_seed: dict[int, dict[str, float]] = {s: {} for s in seeds}
+    for run in group:
+        per_seed[run.config["seed"]].update(run.test_metrics)
+    metrics = {t: _cell([per_seed[s].get(t, math.nan) for s in seeds]) for t in tasks}
+    deltas = []
+    for s in seeds:
+        if s in baselines and all(t in per_seed[s] for t in tasks):
+            base = baselines[s]
+            if all(t in base for t in tasks):
+                deltas.append(delta_m({t: per_seed[s][t] for t in tasks}, base, hib))
+    times = [timing.get(r.label, r.step_ms) for r in group]
+    # The single-task row: the step of one single-task model, averaged over the tasks.
+    step = statistics.fmean(times) if label == STL else statistics.median(times)
+    bad = [r for r in group if r.status != "ok"]
+    status = (
+        "ok"
+        if not bad
+        else "; ".join(f"seed {r.config['seed']} diverged at epoch {r.diverged_epoch}" for r in bad)
+    )
+    lrs = {r.config["lr"] for r in group}
+    return Row(
+        label=label,
+        metrics=metrics,
+        delta_m=_cell(deltas),
+        step_ms=step,
+        time_ratio=math.nan,
+        lr=lrs.pop() if len(lrs) == 1 else None,
+        seeds=seeds,
+        status=status,
+        best_epochs=[r.best_epoch for r in group],
+    )
+
+
+def format_table(data: MultiTaskData, rows: Sequence[Row], digits: int = 4) -> str:
+    """The table as Markdown: one column per task metric, Delta m %, ms/step, time vs EW.
+
+    >>> from taskbalance.bench.data.types import MultiTaskData, Split, TaskSpec
+    >>> import torch
+    >>> s = Split(torch.zeros(1, 1), {"a": torch.zeros(1)})
+    >>> d = MultiTaskData("toy", (TaskSpec("a", "regression", 1, "mae", False),), s, s, s, "", "")
+    >>> row = Row("ew", {"a": Cell(1.0, 0.0, 1)}, Cell(-5.0, 0.0, 1), 2.0, 1.0, 1e-3, [0], "ok")
+    >>> print(format_table(d, [row]).splitlines()[2])
+    | ew | 1 | -5 | 2.00 | 1.00 | 0.001 | ok |
+    """
+    header = ["method"]
+    for t in data.task_names:
+        spec = data.task(t)
+        arrow = "↑" if HIGHER_IS_BETTER[spec.metric] else "↓"
+        unit = f" [{spec.unit}]" if spec.unit else ""
+        header.append(f"{t} {spec.metric}{unit} {arrow}")
+    header += ["Δm % ↓", "ms/step", "time / EW", "lr", "status"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row.label, *(row.metrics[t].text(digits) for t in data.task_names)]
+        cells.append(row.delta_m.text(3))
+        cells.append(f"{row.step_ms:.2f}" if math.isfinite(row.step_ms) else "-")
+        cells.append(f"{row.time_ratio:.2f}" if math.isfinite(row.time_ratio) else "-")
+        cells.append(f"{row.lr:g}" if row.lr is not None else "mixed")
+        cells.append(row.status)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+LEGEND = (
+    "Test metrics at the epoch selected on validation (mean ± std over seeds). Δm %: mean "
+    "over tasks of the signed relative difference to the single-task baselines of the same "
+    "seed (lower is better). ms/step: median wall time of a training step (forward, method "
+    "backward, optimizer step), measured interleaved across methods after training (unless "
+    "noted); the single-task row gives one single-task model's step. "
+    "+ / -: better / worse than EW by more than the spread over seeds (|Δmean| > std + "
+    "std_EW); with one seed nothing is marked."
+)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as f:
+        f.write(data)
+    os.replace(f.name, path)
+
+
+def results_rows(runs: Sequence[RunResult], selected: Sequence[RunResult]) -> list[dict[str, Any]]:
+    """Long-format rows: one per run (method, seed, lr), task and metric; ``selected`` marks
+    the runs at the learning rate chosen on validation. Delta m rows have task ``"*"``."""
+    chosen = {id(r) for r in selected}
+    out = []
+    for run in runs:
+        base = {
+            "method": run.label,
+            "seed": run.config["seed"],
+            "lr": run.config["lr"],
+            "selected": id(run) in chosen,
+            "best_epoch": run.best_epoch,
+            "status": run.status,
+            "step_ms": run.step_ms,
+        }
+        for task in run.tasks:
+            for split, values in (("val", run.val_metrics), ("test", run.test_metrics)):
+                if task in values:
+                    out.append({**base, "task": task, "split": split, "value": values[task]})
+    return out
+
+
+def write_outputs(
+    out_dir: str | os.PathLike[str],
+    data: MultiTaskData,
+    rows: Sequence[Row],
+    runs: Sequence[RunResult],
+    selected: Sequence[RunResult],
+    *,
+    command: str,
+    notes: Sequence[str] = (),
+    plots: bool = True,
+) -> dict[str, Path]:
+    """Write results.csv, results.json, report.md and the PNG plots to ``out_dir``.
+
+    Returns ``{kind: path}`` of what was written.
+    """
+    out = Path(out_dir)
+    written: dict[str, Path] = {}
+    hib = {t: HIGHER_IS_BETTER[data.task(t).metric] for t in data.task_names}
+    metric_of = {t: data.task(t).metric for t in data.task_names}
+    records = results_rows(runs, selected)
+    for r in records:
+        r["metric"] = metric_of[r["task"]]
+    baselines = stl_metrics(selected)
+    for run in selected:
+        seed = run.config["seed"]
+        if run.label.startswith("stl:") or seed not in baselines:
+            continue
+        if set(run.test_metrics) == set(data.task_names) == set(baselines[seed]):
+            value = delta_m(run.test_metrics, baselines[seed], hib)
+            records.append({"method": run.label, "seed": seed, "lr": run.config["lr"],
+                            "selected": True, "best_epoch": run.best_epoch,
+                            "status": run.status, "step_ms": run.step_ms, "task": "*",
+                            "split": "test", "value": value, "metric": "delta_m_pct"})  # fmt: skip
+    buffer = io.StringIO()
+    fields = ["method", "seed", "lr", "selected", "task", "metric", "split", "value",
+              "best_epoch", "status", "step_ms"]  # fmt: skip
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(records)
+    written["csv"] = out / "results.csv"
+    _atomic_write(written["csv"], buffer.getvalue().encode())
+
+    table = format_table(data, rows)
+    payload = {
+        "command": command,
+        "dataset": {
+            "name": data.name,
+            "description": data.description,
+            "licence": data.licence,
+            "tasks": [t.__dict__ for t in data.tasks],
+        },
+        "notes": list(notes),
+        "table": [_row_dict(r) for r in rows],
+        "runs": [r.to_dict() for r in runs],
+        "selected": [
+            {"method": r.label, "seed": r.config["seed"], "lr": r.config["lr"]} for r in selected
+        ],
+    }
+    written["json"] = out / "results.json"
+    _atomic_write(written["json"], json.dumps(payload, indent=1, default=_json_default).encode())
+
+    plot_paths: dict[str, Path] = {}
+    notes = list(notes)
+    if plots:
+        try:
+            plot_paths = write_plots(out, data, selected)
+        except ImportError as error:  # matplotlib is an optional extra: results still count
+            notes.append(f"plots skipped: {error} (pip install 'taskbalance[bench]')")
+        written.update(plot_paths)
+    report = [
+        f"# taskbalance bench: {data.name}",
+        "",
+        f"Command: `{command}`",
+        "",
+        data.description,
+        "",
+        table,
+        "",
+        LEGEND,
+        "",
+        *(f"- {n}" for n in notes),
+        "",
+        *(f"![{k}]({p.name})" for k, p in plot_paths.items()),
+        "",
+    ]
+    written["report"] = out / "report.md"
+    _atomic_write(written["report"], "\n".join(report).encode())
+    return written
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+def _row_dict(row: Row) -> dict[str, Any]:
+    return {
+        "method": row.label,
+        "metrics": {t: c.__dict__ for t, c in row.metrics.items()},
+        "delta_m": row.delta_m.__dict__,
+        "step_ms": row.step_ms,
+        "time_ratio": row.time_ratio,
+        "lr": row.lr,
+        "seeds": row.seeds,
+        "status": row.status,
+        "best_epochs": row.best_epochs,
+    }
+
+
+def write_plots(
+    out_dir: str | os.PathLike[str], data: MultiTaskData, selected: Sequence[RunResult]
+) -> dict[str, Path]:
+    """Validation metric per task vs epoch, and the mean task weights per epoch (first seed of
+    every method), as PNGs (matplotlib, Agg backend). Returns ``{name: path}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # 20 distinct colours: QM9 has 11 tasks and the default run 14 methods.
+    colors = plt.get_cmap("tab20").colors
+    out = Path(out_dir)
+    first_seed = min((r.config["seed"] for r in selected), default=0)
+    runs = [r for r in selected if r.config["seed"] == first_seed and r.history]
+    methods = [r for r in runs if not r.label.startswith("stl:")]
+    tasks = data.task_names
+    paths: dict[str, Path] = {}
+
+    cols = min(4, len(tasks))
+    rows_n = math.ceil(len(tasks) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3 * rows_n), squeeze=False)
+    for ax, task in zip(axes.flat, tasks, strict=False):
+        ax.set_prop_cycle(color=colors)
+        for run in methods:
+            epochs = [h["epoch"] for h in run.history]
+            ax.plot(epochs, [h["val_metric"][task] for h in run.history], label=run.label)
+        for run in runs:
+            if run.label == f"stl:{task}":
+                epochs = [h["epoch"] for h in run.history]
+                values = [h["val_metric"][task] for h in run.history]
+                ax.plot(epochs, values, "k--", label="single-task")
+        ax.set_title(f"{task} ({data.task(task).metric}, validation)")
+        ax.set_xlabel("epoch")
+    for ax in list(axes.flat)[len(tasks) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.tight_layout()
+    paths["validation_curves"] = _save_fig(fig, out / "validation_curves.png")
+    plt.close(fig)
+
+    if methods:
+        cols = min(4, len(methods))
+        rows_n = math.ceil(len(methods) / cols)
+        fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3 * rows_n), squeeze=False)
+        for ax, run in zip(axes.flat, methods, strict=False):
+            ax.set_prop_cycle(color=colors)
+            epochs = [h["epoch"] for h in run.history]
+            for task in tasks:
+                ax.plot(epochs, [h["weights"][task] for h in run.history], label=task)
+            ax.set_title(f"{run.label}: mean task weight")
+            ax.set_xlabel("epoch")
+        for ax in list(axes.flat)[len(methods) :]:
+            ax.axis("off")
+        axes.flat[0].legend(fontsize=6)
+        fig.tight_layout()
+        paths["task_weights"] = _save_fig(fig, out / "task_weights.png")
+        plt.close(fig)
+    return paths
+
+
+def _save_fig(fig: Any, path: Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    _atomic_write(path, buffer.getvalue())
+    return path

@@ -1,0 +1,637 @@
+"""Train one (dataset, method, seed) run: the benchmark's training loop, selection and checkpoints.
+
+Protocol of one run (:class:`Runner`):
+
+* Model: :func:`taskbalance.bench.models.build_model` (``config.arch``), initialised after
+  ``torch.manual_seed(config.seed)``.
+* Losses per task: :func:`taskbalance.bench.metrics.task_loss` (cross-entropy; BCE with logits
+  over the non-missing labels; MSE, or L1, on standardised regression targets). A task's loss
+  is multiplied by ``config.loss_scale[task]`` before the method sees it (the IMTL paper's x10
+  experiment); selection and reports use the unscaled losses.
+* Update: ``method.backward(losses, shared=model.trunk, features=model.features(z))`` then the
+  optimizer's step. The optimizer is Adam (L2 ``weight_decay``) over the model and
+  ``method.param_group()``. The pseudo-method ``"adatask"`` pairs a loss-level method (EW by
+  default, option ``base=``) with :class:`taskbalance.optim.AdaTaskAdam` (per-task moments on the
+  shared parameters; L2 weight decay, as Adam's, so the two differ only in the moments).
+* Stochastic methods (those with a ``seed`` hyperparameter) get ``seed=config.seed`` unless given.
+* Mini-batches: a fresh permutation of the training split per epoch from a generator seeded with
+  ``config.seed``; the last partial batch is kept.
+* Selection: after each epoch, the mean over tasks of the UNSCALED validation losses; the epoch
+  with the lowest value is the selected one and its model state is kept. Test metrics are
+  computed once, at the end, on that state: the test split never influences anything. (Mean
+  validation loss rather than validation Delta m: it needs no single-task baseline, so
+  single-task runs and methods are selected by the same rule, and with standardised targets the
+  terms are unit-free.)
+* Time per step: wall time of forward + losses + method backward + optimizer step, per step; the
+  median over the run is reported (robust to a shared, noisy machine).
+* Divergence: a NaN or infinite training or validation loss stops the run; it is reported as
+  diverged at that epoch, with the test metrics of the best epoch before it (if any).
+* Checkpoints: after every epoch, :meth:`Runner.state_dict` (model, optimizer, method, epoch,
+  best state so far, history, RNG states) is written atomically; a run built with the same
+  config and ``resume=True`` continues from it and ends with bit-identical parameters and
+  metrics on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from taskbalance.apply import StepInfo
+from taskbalance.bench.data.types import MultiTaskData, Split
+from taskbalance.bench.metrics import RegressionLoss, task_loss, task_metric
+from taskbalance.bench.models import MultiTaskModel, build_model
+from taskbalance.engine.requirement import Requirement
+from taskbalance.errors import NonFiniteLossError
+from taskbalance.methods.base import Method
+from taskbalance.methods.registry import get_method, hyperparameters, list_methods
+
+#: Pseudo-methods: names that are not registry methods but a method + optimizer pairing.
+PSEUDO_METHODS: dict[str, str] = {
+    "adatask": "EW (or base=NAME, a loss-level method) with the AdaTask Adam optimizer "
+    "(Yang et al., AAAI 2023)",
+}
+CHECKPOINT_VERSION = 1
+
+
+def available_methods() -> list[str]:
+    """Registry names plus the pseudo-methods available now (``adatask`` if its optimizer is
+    importable).
+
+    >>> "ew" in available_methods()
+    True
+    """
+    names = list_methods()
+    try:
+        import taskbalance.optim  # noqa: F401
+    except ImportError:
+        return names
+    return sorted([*names, *PSEUDO_METHODS])
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method to benchmark: its name, hyperparameters and the label it gets in tables.
+
+    >>> parse_method_spec("imtl_g:level=parameter").options
+    {'level': 'parameter'}
+    """
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """``name`` or ``name:key=value,...``: how the method appears in tables and files."""
+        if not self.options:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.options.items())
+
+
+def _value(text: str) -> Any:
+    """A hyperparameter value: int, float, bool, None, or else the string itself."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_method_spec(text: str) -> MethodSpec:
+    """Parse ``name`` or ``name:key=value,key=value`` and check it against the registry.
+
+    Values are read as int, float, true/false, none, or left as strings.
+
+    Raises:
+        ValueError: an unknown method (the message lists the valid names), an unknown
+            hyperparameter (lists the method's valid ones) or a malformed spec.
+
+    >>> parse_method_spec("cagrad:c=0.4,level=feature")
+    MethodSpec(name='cagrad', options={'c': 0.4, 'level': 'feature'})
+    """
+    name, _, rest = text.partition(":")
+    name = name.strip()
+    valid = available_methods()
+    if name not in valid:
+        raise ValueError(f"unknown method {name!r}; valid: {', '.join(valid)}")
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"method spec {text!r}: expected key=value, got {item!r}")
+        options[key.strip()] = _value(value.strip())
+    allowed = ["base"] if name == "adatask" else [k for k in hyperparameters(name) if k != "tasks"]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"method {name!r} has no hyperparameter {', '.join(map(repr, unknown))}; "
+            f"valid: {', '.join(allowed) or 'none'}"
+        )
+    if name == "adatask" and "base" in options:
+        base = options["base"]
+        loss_level = [m for m in list_methods() if _is_loss_level(m)]
+        if base not in loss_level:
+            raise ValueError(
+                f"adatask: base must be a loss-level method; valid: {', '.join(loss_level)}"
+            )
+    return MethodSpec(name, options)
+
+
+def _is_loss_level(name: str) -> bool:
+    from taskbalance.methods.registry import method_class
+
+    return method_class(name).requires is Requirement.LOSSES
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines one run (and must match for a checkpoint to be resumed).
+
+    ``tasks=None`` trains all tasks; a single task name makes a single-task baseline (its method
+    is EW, and ``loss_scale`` does not apply: one loss has nothing to be balanced against).
+
+    >>> RunConfig(method=MethodSpec("ew"), epochs=2).label
+    'ew'
+    """
+
+    method: MethodSpec = field(default_factory=lambda: MethodSpec("ew"))
+    tasks: tuple[str, ...] | None = None
+    arch: str = "hps"
+    model_options: dict[str, int] = field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 256
+    eval_batch_size: int = 4096
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+    loss_scale: dict[str, float] = field(default_factory=dict)
+    regression_loss: RegressionLoss = "mse"
+
+    @property
+    def label(self) -> str:
+        """The method's label, or ``stl:<task>`` for a single-task baseline."""
+        if self.tasks is not None and len(self.tasks) == 1:
+            return f"stl:{self.tasks[0]}"
+        return self.method.label
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (the form stored in checkpoints and results)."""
+        out = asdict(self)
+        out["method"] = {"name": self.method.name, "options": dict(self.method.options)}
+        out["tasks"] = None if self.tasks is None else list(self.tasks)
+        return out
+
+
+@dataclass
+class RunResult:
+    """What one run produced (JSON-able through :meth:`to_dict`).
+
+    Attributes:
+        config: the run's :meth:`RunConfig.to_dict`.
+        label: the method label (``stl:<task>`` for a single-task baseline).
+        tasks: the tasks trained.
+        history: one dict per epoch: ``epoch``, ``train_loss``/``val_loss``/``val_metric``
+            (per task), ``criterion`` (mean unscaled validation loss), ``weights`` (mean task
+            weights of the epoch), ``step_ms`` (median step time of the epoch).
+        best_epoch: the selected epoch (1-based; 0 if none).
+        val_metrics, test_metrics, test_losses: per task, at the selected epoch.
+        step_ms: median wall time of a training step over the run, in milliseconds.
+        status: ``"ok"`` or ``"diverged"``; diverged_epoch: the epoch it diverged at.
+        train_seconds: wall time spent in training steps.
+    """
+
+    config: dict[str, Any]
+    label: str
+    tasks: list[str]
+    history: list[dict[str, Any]]
+    best_epoch: int
+    val_metrics: dict[str, float]
+    test_metrics: dict[str, float]
+    test_losses: dict[str, float]
+    step_ms: float
+    status: str
+    diverged_epoch: int | None
+    train_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunResult:
+        """Rebuild a result from :meth:`to_dict`'s output."""
+        return cls(**dict(data))
+
+
+def _build_method(config: RunConfig, tasks: tuple[str, ...]) -> Method:
+    name, options = config.method.name, dict(config.method.options)
+    if config.tasks is not None and len(config.tasks) == 1:
+        name, options = "ew", {}
+    if name == "adatask":
+        name = options.pop("base", "ew")
+    if "seed" in hyperparameters(name) and "seed" not in options:
+        options["seed"] = config.seed
+    return get_method(name, tasks=list(tasks), **options)
+
+
+def _build_optimizer(
+    config: RunConfig, model: MultiTaskModel, method: Method
+) -> torch.optim.Optimizer:
+    shared = model.shared_parameters()
+    ids = {id(p) for p in shared}
+    others = [p for p in model.parameters() if id(p) not in ids]
+    method_group = method.param_group() if list(method.parameters()) else None
+    if config.method.name == "adatask" and len(model.task_names) > 1:
+        from taskbalance.optim import AdaTaskAdam
+
+        groups = [{"params": shared, "shared": True}, {"params": others}]
+        groups += [method_group] if method_group else []
+        return AdaTaskAdam(
+            groups,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            decoupled_weight_decay=False,
+        )
+    groups = [{"params": [*shared, *others]}] + ([method_group] if method_group else [])
+    return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as f:
+        torch.save(obj, f)
+    os.replace(f.name, path)
+
+
+class Runner:
+    """One training run; see the module docstring for the protocol.
+
+    Args:
+        data: the dataset.
+        config: the run's configuration.
+        checkpoint: where to write the state after each epoch (``None``: no checkpoint).
+        resume: continue from ``checkpoint`` if it exists (its config must equal ``config``).
+        progress: show a tqdm bar over epochs.
+        log: called with a one-line summary after each epoch.
+
+    >>> from taskbalance.bench.data.types import MultiTaskData, Split, TaskSpec
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(64, 3, generator=g)
+    >>> s = Split(x, {"a": x[:, 0], "b": x[:, 1] - x[:, 2]})
+    >>> tasks = tuple(TaskSpec(t, "regression", 1, "mae", False) for t in "ab")
+    >>> data = MultiTaskData("toy", tasks, s, s, s, "toy", "none")
+    >>> cfg = RunConfig(epochs=2, batch_size=16, model_options={"hidden": 8, "tower": 4})
+    >>> result = Runner(data, cfg, progress=False).run()
+    >>> result.status, result.best_epoch in (1, 2), sorted(result.test_metrics)
+    ('ok', True, ['a', 'b'])
+    """
+
+    def __init__(
+        self,
+        data: MultiTaskData,
+        config: RunConfig,
+        *,
+        checkpoint: str | os.PathLike[str] | None = None,
+        resume: bool = False,
+        progress: bool = True,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.data = data
+        self.config = config
+        self.tasks: tuple[str, ...] = config.tasks or data.task_names
+        self.specs = {t: data.task(t) for t in self.tasks}
+        unknown = sorted(set(config.loss_scale) - set(data.task_names))
+        if unknown:
+            raise ValueError(
+                f"loss_scale names unknown task(s) {unknown}; tasks: {', '.join(data.task_names)}"
+            )
+        self.scale = (
+            {}
+            if len(self.tasks) == 1
+            else {t: float(config.loss_scale.get(t, 1.0)) for t in self.tasks}
+        )
+        self.device = torch.device(config.device)
+        torch.manual_seed(config.seed)
+        self.model = build_model(config.arch, data, self.tasks, config.model_options).to(
+            self.device
+        )
+        self.method = _build_method(config, self.tasks).to(self.device)
+        self.optimizer = _build_optimizer(config, self.model, self.method)
+        self.adatask = config.method.name == "adatask" and len(self.tasks) > 1
+        self.shuffle = torch.Generator().manual_seed(config.seed)
+        self.epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self.status = "running"
+        self.diverged_epoch: int | None = None
+        self.step_times: list[float] = []
+        self.result: RunResult | None = None
+        self.progress = progress
+        self.log = log
+        self.checkpoint = None if checkpoint is None else Path(checkpoint)
+        self._train = self._to_device(data.train)
+        if resume and self.checkpoint is not None and self.checkpoint.exists():
+            self.load_state_dict(torch.load(self.checkpoint, weights_only=True))
+
+    def _to_device(self, split: Split) -> Split:
+        if self.device.type == "cpu":
+            return split
+        x_cat = None if split.x_cat is None else split.x_cat.to(self.device)
+        y = {t: split.y[t].to(self.device) for t in self.tasks}
+        return Split(split.x.to(self.device), y, x_cat)
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue exactly where this one is."""
+        return {
+            "version": CHECKPOINT_VERSION,
+            "config": self.config.to_dict(),
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "method": self.method.state_dict(),
+            "best": self.best,
+            "history": self.history,
+            "status": self.status,
+            "diverged_epoch": self.diverged_epoch,
+            "step_times": self.step_times,
+            "rng": {"torch": torch.get_rng_state(), "shuffle": self.shuffle.get_state()},
+            "result": None if self.result is None else self.result.to_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; the config must be this run's."""
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint version {state.get('version')} is not supported")
+        mine = self.config.to_dict()
+        if state["config"] != mine:
+            keys = sorted(k for k in mine if state["config"].get(k) != mine[k])
+            raise ValueError(f"the checkpoint was written for another configuration ({keys})")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.method.load_state_dict(state["method"])
+        self.epoch = state["epoch"]
+        self.best = state["best"]
+        self.history = list(state["history"])
+        self.status = state["status"]
+        self.diverged_epoch = state["diverged_epoch"]
+        self.step_times = list(state["step_times"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.shuffle.set_state(state["rng"]["shuffle"])
+        self.result = None if state["result"] is None else RunResult.from_dict(state["result"])
+
+    def _save(self) -> None:
+        if self.checkpoint is not None:
+            _atomic_save(self.state_dict(), self.checkpoint)
+
+    # -- training -----------------------------------------------------------------------------
+    def _losses(self, outputs: Mapping[str, Tensor], y: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {
+            t: task_loss(self.specs[t], outputs[t], y[t], self.config.regression_loss)
+            for t in self.tasks
+        }
+
+    def step(
+        self, x: Tensor, x_cat: Tensor | None, y: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], StepInfo]:
+        """One training step on a batch: forward, losses, the method's backward, the optimizer's
+        step. Returns the unscaled losses (detached) and the method's :class:`StepInfo`.
+
+        Raises :class:`taskbalance.NonFiniteLossError` (nothing updated) on a NaN loss.
+        """
+        z = self.model.trunk_forward(x, x_cat)
+        raw = self._losses({t: self.model.heads[t](z) for t in self.tasks}, y)
+        losses = {t: raw[t] * self.scale[t] if self.scale.get(t, 1.0) != 1.0 else raw[t]
+                  for t in self.tasks}  # fmt: skip
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.adatask:
+            info = self.optimizer.backward(losses, method=self.method)  # type: ignore[attr-defined]
+        else:
+            info = self.method.backward(
+                losses, shared=self.model.trunk, features=self.model.features(z)
+            )
+        self.optimizer.step()
+        return {t: v.detach() for t, v in raw.items()}, info
+
+    def train_epoch(self) -> dict[str, Any] | None:
+        """One pass over the training split; ``None`` if a loss turned NaN or infinite."""
+        self.model.train()
+        split, n = self._train, len(self._train)
+        order = torch.randperm(n, generator=self.shuffle)
+        totals = torch.zeros(len(self.tasks), dtype=torch.float64)
+        weights = torch.zeros(len(self.tasks), dtype=torch.float64)
+        steps, times = 0, []
+        for start in range(0, n, self.config.batch_size):
+            index = order[start : start + self.config.batch_size].to(self.device)
+            x_cat = None if split.x_cat is None else split.x_cat[index]
+            batch = (split.x[index], x_cat, {t: split.y[t][index] for t in self.tasks})
+            began = time.perf_counter()
+            try:
+                raw, info = self.step(*batch)
+            except NonFiniteLossError:
+                return None
+            times.append(time.perf_counter() - began)
+            totals += torch.stack([raw[t] for t in self.tasks]).double().cpu()
+            weights += info.weights.detach().double().cpu()
+            steps += 1
+        self.step_times.extend(times)
+        return {
+            "train_loss": dict(zip(self.tasks, (totals / steps).tolist(), strict=True)),
+            "weights": dict(zip(self.tasks, (weights / steps).tolist(), strict=True)),
+            "step_ms": 1e3 * statistics.median(times),
+            "train_seconds": sum(times),
+        }
+
+    @torch.no_grad()
+    def evaluate(self, split: Split) -> tuple[dict[str, float], dict[str, float]]:
+        """Unscaled losses and metrics per task on ``split`` (in evaluation mode)."""
+        self.model.eval()
+        outputs: dict[str, list[Tensor]] = {t: [] for t in self.tasks}
+        size = self.config.eval_batch_size
+        for start in range(0, len(split), size):
+            x = split.x[start : start + size].to(self.device)
+            x_cat = None if split.x_cat is None else split.x_cat[start : start + size]
+            out = self.model(x, None if x_cat is None else x_cat.to(self.device))
+            for t in self.tasks:
+                outputs[t].append(out[t].cpu())
+        joined = {t: torch.cat(v) for t, v in outputs.items()}
+        y = {t: split.y[t] for t in self.tasks}
+        losses = {t: float(v) for t, v in self._losses(joined, y).items()}
+        if not all(math.isfinite(v) for v in losses.values()):
+            return losses, {}
+        metrics = {
+            t: task_metric(self.specs[t], joined[t], y[t], self.data.target_stats)
+            for t in self.tasks
+        }
+        return losses, metrics
+
+    def run(self, callback: Callable[[Runner], None] | None = None) -> RunResult:
+        """Train the remaining epochs, then evaluate the selected epoch on the test split.
+
+        ``callback(self)`` is called after each epoch's checkpoint (e.g. to stop a run).
+        """
+        if self.result is not None:
+            return self.result
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=self.config.epochs, initial=self.epoch, desc=self.config.label,
+                leave=False, unit="epoch", dynamic_ncols=True,
+            )  # fmt: skip
+        try:
+            while self.status == "running" and self.epoch < self.config.epochs:
+                self._one_epoch(bar)
+                if callback is not None:
+                    callback(self)
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.status == "running":
+            self.status = "ok"
+        self.result = self._finish()
+        self._save()
+        return self.result
+
+    def _one_epoch(self, bar: Any) -> None:
+        record = self.train_epoch()
+        val_losses, val_metrics = ({}, {}) if record is None else self.evaluate(self.data.val)
+        if record is None or not val_metrics:
+            self.status, self.diverged_epoch = "diverged", self.epoch + 1
+            if self.log is not None:
+                self.log(f"{self.config.label}: diverged at epoch {self.epoch + 1}")
+            self._save()
+            return
+        self.epoch += 1
+        criterion = sum(val_losses.values()) / len(val_losses)
+        record = {"epoch": self.epoch, **record, "val_loss": val_losses,
+                  "val_metric": val_metrics, "criterion": criterion}  # fmt: skip
+        self.history.append(record)
+        if self.best is None or criterion < self.best["criterion"]:
+            self.best = {
+                "epoch": self.epoch,
+                "criterion": criterion,
+                "val_metrics": val_metrics,
+                "model": copy.deepcopy(self.model.state_dict()),
+            }
+        line = (
+            f"{self.config.label} seed {self.config.seed} lr {self.config.lr:g} epoch "
+            f"{self.epoch}/{self.config.epochs}: train {_mean(record['train_loss']):.4f} "
+            f"val {criterion:.4f} (best {self.best['criterion']:.4f} @ {self.best['epoch']}) "
+            f"{record['step_ms']:.2f} ms/step"
+        )
+        if self.log is not None:
+            self.log(line)
+        if bar is not None:
+            bar.set_postfix_str(f"val {criterion:.4f} best@{self.best['epoch']}")
+            bar.update(1)
+        self._save()
+
+    def _finish(self) -> RunResult:
+        test_metrics: dict[str, float] = {}
+        test_losses: dict[str, float] = {}
+        if self.best is not None:
+            # The selected state is evaluated on a copy: the trained state stays as it is.
+            final = copy.deepcopy(self.model.state_dict())
+            self.model.load_state_dict(self.best["model"])
+            test_losses, test_metrics = self.evaluate(self.data.test)
+            self.model.load_state_dict(final)
+        return RunResult(
+            config=self.config.to_dict(),
+            label=self.config.label,
+            tasks=list(self.tasks),
+            history=self.history,
+            best_epoch=0 if self.best is None else self.best["epoch"],
+            val_metrics={} if self.best is None else dict(self.best["val_metrics"]),
+            test_metrics=test_metrics,
+            test_losses=test_losses,
+            step_ms=1e3 * statistics.median(self.step_times) if self.step_times else math.nan,
+            status=self.status,
+            diverged_epoch=self.diverged_epoch,
+            train_seconds=sum(r["train_seconds"] for r in self.history),
+        )
+
+
+def _mean(values: Mapping[str, float]) -> float:
+    return sum(values.values()) / len(values)
+
+
+def train(
+    data: MultiTaskData,
+    config: RunConfig,
+    checkpoint: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Train one run (see :class:`Runner`) and return its :class:`RunResult`.
+
+    >>> from taskbalance.bench.data.types import MultiTaskData, Split, TaskSpec
+    >>> x = torch.randn(32, 2, generator=torch.Generator().manual_seed(1))
+    >>> s = Split(x, {"a": x[:, 0]})
+    >>> task = TaskSpec("a", "regression", 1, "mae", False)
+    >>> data = MultiTaskData("toy", (task,), s, s, s, "", "")
+    >>> train(data, RunConfig(epochs=1, model_options={"hidden": 4}), progress=False).label
+    'ew'
+    """
+    runner = Runner(data, config, checkpoint=checkpoint, resume=resume, progress=progress, log=log)
+    return runner.run()
+
+
+def time_steps(
+    data: MultiTaskData,
+    configs: Sequence[RunConfig],
+    rounds: int = 5,
+    steps: int = 10,
+) -> dict[str, float]:
+    """Median milliseconds per training step of each config, measured INTERLEAVED.
+
+    Every config gets a fresh :class:`Runner` and the same first ``batch_size`` training rows;
+    after one warm-up step each, ``rounds`` rounds run ``steps`` steps of every config in turn.
+    On a shared machine whose load drifts, all methods thus see the same conditions, which the
+    per-run medians of sequential training runs do not guarantee. Returns ``{label: ms}``.
+
+    >>> from taskbalance.bench.data.types import MultiTaskData, Split, TaskSpec
+    >>> x = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
+    >>> s = Split(x, {"a": x[:, 0], "b": x[:, 1]})
+    >>> tasks = tuple(TaskSpec(t, "regression", 1, "mae", False) for t in "ab")
+    >>> data = MultiTaskData("toy", tasks, s, s, s, "", "")
+    >>> ms = time_steps(data, [RunConfig(model_options={"hidden": 4})], rounds=1, steps=2)
+    >>> list(ms), ms["ew"] > 0
+    (['ew'], True)
+    """
+    runners = [Runner(data, c, progress=False) for c in configs]
+    times: dict[str, list[float]] = {c.label: [] for c in configs}
+    batches = []
+    for runner in runners:
+        split, n = runner._train, min(len(runner._train), runner.config.batch_size)
+        y = {t: split.y[t][:n] for t in runner.tasks}
+        batches.append((split.x[:n], None if split.x_cat is None else split.x_cat[:n], y))
+        runner.step(*batches[-1])  # warm-up: allocations, lazy state
+    for _ in range(rounds):
+        for runner, batch in zip(runners, batches, strict=True):
+            for _ in range(steps):
+                began = time.perf_counter()
+                runner.step(*batch)
+                times[runner.config.label].append(time.perf_counter() - began)
+    return {label: 1e3 * statistics.median(values) for label, values in times.items()}

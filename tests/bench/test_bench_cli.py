@@ -1,0 +1,109 @@
+"""`taskbalance bench`: option parsing, errors that list valid values, an offline end-to-end run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from taskbalance.bench import benchmark
+from taskbalance.bench.data.types import MultiTaskData, Split, TaskSpec
+from taskbalance.cli import FULL, QUICK, TUNE_GRID, bench_config, build_parser, main
+
+
+def parse(*argv):
+    return bench_config(build_parser().parse_args(["bench", *argv]))
+
+
+def error_of(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as caught:
+        main(["bench", *argv])
+    assert caught.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_unknown_dataset_lists_the_valid_ones(capsys):
+    err = error_of(capsys, "--dataset", "cifar")
+    assert "invalid choice: 'cifar'" in err and "qm9" in err and "multi_mnist" in err
+
+
+def test_unknown_method_lists_the_valid_ones(capsys):
+    err = error_of(capsys, "--methods", "ew", "imtl_x")
+    assert "unknown method 'imtl_x'" in err and "imtl_g" in err and "adatask" in err
+
+
+def test_unknown_hyperparameter_lists_the_methods_valid_ones(capsys):
+    assert "valid: level, c, rescale" in error_of(capsys, "--methods", "cagrad:cc=1")
+
+
+def test_bad_architecture_and_bad_numbers_are_refused(capsys):
+    assert "invalid choice: 'resnet'" in error_of(capsys, "--arch", "resnet")
+    assert "positive integer" in error_of(capsys, "--epochs", "0")
+    assert "TASK=FACTOR" in error_of(capsys, "--loss-scale", "10")
+    assert "positive number" in error_of(capsys, "--lr-grid", "1e-3,abc")
+
+
+def test_defaults_are_the_quick_protocol():
+    config = parse()
+    assert config.dataset == QUICK["dataset"] and config.epochs == QUICK["epochs"]
+    assert config.seeds == [0] and config.lrs == [QUICK["lr"]]
+    assert config.train_size == QUICK["train_size"]
+    assert {"ew", "imtl", "imtl_g", "imtl_l", "emtl", "adatask"} <= {m.name for m in config.methods}
+
+
+def test_full_means_three_seeds_more_epochs_the_grid_and_every_row_unless_overridden():
+    config = parse("--full")
+    assert config.seeds == [0, 1, 2] and config.epochs == FULL["epochs"]
+    assert config.lrs == list(FULL["lr_grid"]) and config.train_size is None
+    assert parse("--full", "--epochs", "3", "--seeds", "2").epochs == 3
+
+
+def test_grid_options_and_method_hyperparameters_reach_the_config():
+    assert parse("--tune").lrs == list(TUNE_GRID)
+    assert parse("--lr-grid", "1e-2,1e-3").lrs == [1e-2, 1e-3]
+    config = parse("--methods", "imtl_g:level=parameter", "ew", "--loss-scale", "mu=10")
+    assert [m.label for m in config.methods] == ["imtl_g:level=parameter", "ew"]
+    assert config.loss_scale == {"mu": 10.0}
+
+
+def tiny() -> MultiTaskData:
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        x = torch.randn(n, 4, generator=g)
+        return Split(x, {"a": x[:, 0], "b": 5 * x[:, 1] + x[:, 2]})
+
+    tasks = tuple(TaskSpec(t, "regression", 1, "mae", False) for t in "ab")
+    return MultiTaskData("tiny", tasks, split(48), split(24), split(24), "synthetic", "none")
+
+
+def test_bench_runs_offline_end_to_end_and_says_where_it_wrote(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(benchmark, "load_dataset", lambda name, **options: tiny())
+    argv = [
+        "bench",
+        "--dataset",
+        "rf1",
+        "--methods",
+        "ew",
+        "imtl",
+        "--epochs",
+        "2",
+        "--hidden",
+        "8",
+        "--batch-size",
+        "16",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| single-task |" in out and "| ew |" in out and "| imtl |" in out
+    assert "fixed learning rate" in out and str(tmp_path / "results.csv") in out
+    assert (tmp_path / "report.md").exists() and (tmp_path / "checkpoints").is_dir()
+    assert main([*argv, "--resume"]) == 0  # finished runs are read back
+
+
+def test_loss_scale_on_an_unknown_task_lists_the_tasks(monkeypatch, tmp_path):
+    monkeypatch.setattr(benchmark, "load_dataset", lambda name, **options: tiny())
+    with pytest.raises(SystemExit, match="tasks of tiny: a, b"):
+        main(["bench", "--loss-scale", "zz=10", "--out", str(tmp_path), "--no-progress"])

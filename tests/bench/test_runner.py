@@ -1,0 +1,198 @@
+"""The runner: determinism, bit-for-bit resume, selection on validation only, divergence."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from taskbalance.bench.data.types import MultiTaskData, Split, TaskSpec
+from taskbalance.bench.runner import MethodSpec, RunConfig, Runner, parse_method_spec
+from taskbalance.optim import AdaTaskAdam
+
+SMALL = {"hidden": 16, "tower": 8}
+
+
+def synthetic(n: int = 64, seed: int = 0) -> MultiTaskData:
+    """Two regression tasks of different scales and a binary task, 3 splits (synthetic)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def split(rows: int) -> Split:
+        x = torch.randn(rows, 5, generator=g)
+        y = {
+            "small": x[:, 0] * 0.1 + 0.05 * torch.randn(rows, generator=g),
+            "large": 3 * x[:, 1] - x[:, 2] + 0.3 * torch.randn(rows, generator=g),
+            "flag": (x[:, 3] + 0.5 * torch.randn(rows, generator=g) > 0).float(),
+        }
+        return Split(x, y)
+
+    tasks = (
+        TaskSpec("small", "regression", 1, "mae", False),
+        TaskSpec("large", "regression", 1, "mae", False),
+        TaskSpec("flag", "binary", 1, "auc", True),
+    )
+    return MultiTaskData(
+        "synthetic",
+        tasks,
+        split(n),
+        split(n // 2),
+        split(n // 2),
+        "synthetic",
+        "none",
+        target_stats={"small": (0.0, 2.0), "large": (1.0, 1.0)},
+    )
+
+
+def config(method: str = "ew", **kw) -> RunConfig:
+    base = {"epochs": 3, "batch_size": 16, "model_options": SMALL, "lr": 3e-3}
+    return RunConfig(method=parse_method_spec(method), **{**base, **kw})
+
+
+def without_times(history):
+    return [{k: v for k, v in h.items() if k not in ("step_ms", "train_seconds")} for h in history]
+
+
+def test_same_seed_gives_identical_runs_on_cpu():
+    data = synthetic()
+    a = Runner(data, config("imtl"), progress=False)
+    b = Runner(data, config("imtl"), progress=False)
+    ra, rb = a.run(), b.run()
+    assert without_times(ra.history) == without_times(rb.history)
+    assert ra.test_metrics == rb.test_metrics
+    for (ka, va), (kb, vb) in zip(
+        a.model.state_dict().items(), b.model.state_dict().items(), strict=True
+    ):
+        assert ka == kb and torch.equal(va, vb)
+
+
+def test_another_seed_gives_another_run():
+    data = synthetic()
+    ra = Runner(data, config("ew", seed=0), progress=False).run()
+    rb = Runner(data, config("ew", seed=1), progress=False).run()
+    assert ra.test_metrics != rb.test_metrics
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["imtl", "rlw", "adatask:base=imtl_l"])
+def test_an_interrupted_run_resumes_to_bit_identical_results(tmp_path, method):
+    data = synthetic()
+    full = Runner(data, config(method), checkpoint=tmp_path / "full.pt", progress=False)
+    expected = full.run()
+
+    def stop_after_two(runner: Runner) -> None:
+        if runner.epoch == 2:
+            raise Interrupt
+
+    path = tmp_path / "cut.pt"
+    with pytest.raises(Interrupt):
+        Runner(data, config(method), checkpoint=path, progress=False).run(stop_after_two)
+    resumed = Runner(data, config(method), checkpoint=path, resume=True, progress=False)
+    assert resumed.epoch == 2
+    got = resumed.run()
+    assert without_times(got.history) == without_times(expected.history)
+    assert got.test_metrics == expected.test_metrics and got.best_epoch == expected.best_epoch
+    state, want = resumed.model.state_dict(), full.model.state_dict()
+    assert all(torch.equal(state[k], want[k]) for k in want)
+    method_state, method_want = resumed.method.state_dict(), full.method.state_dict()
+    assert all(
+        torch.equal(method_state[k], method_want[k])
+        for k in method_want
+        if isinstance(method_want[k], torch.Tensor)
+    )
+
+
+def test_a_finished_checkpoint_is_read_back_without_training(tmp_path):
+    data = synthetic()
+    first = Runner(data, config(), checkpoint=tmp_path / "run.pt", progress=False).run()
+    again = Runner(data, config(), checkpoint=tmp_path / "run.pt", resume=True, progress=False)
+    assert again.epoch == 3 and again.run() == first
+
+
+def test_a_checkpoint_of_another_configuration_is_refused(tmp_path):
+    data = synthetic()
+    Runner(data, config(epochs=1), checkpoint=tmp_path / "run.pt", progress=False).run()
+    with pytest.raises(ValueError, match="another configuration"):
+        Runner(data, config(lr=1e-2, epochs=1), checkpoint=tmp_path / "run.pt", resume=True)
+
+
+def test_selection_uses_the_validation_split_only():
+    data = synthetic()
+    shuffled = {
+        k: v[torch.randperm(len(v), generator=torch.Generator().manual_seed(3))]
+        for k, v in data.test.y.items()
+    }
+    other_test = dataclasses.replace(data, test=Split(data.test.x * -1.0, shuffled))
+    a = Runner(data, config("ew", epochs=6), progress=False).run()
+    b = Runner(other_test, config("ew", epochs=6), progress=False).run()
+    assert a.best_epoch == b.best_epoch
+    assert without_times(a.history) == without_times(b.history)
+    assert a.test_metrics != b.test_metrics
+
+
+def test_the_selected_epoch_minimises_the_mean_validation_loss_and_is_what_test_reports():
+    data = synthetic()
+    runner = Runner(data, config("ew", epochs=6), progress=False)
+    result = runner.run()
+    criteria = [h["criterion"] for h in result.history]
+    assert result.best_epoch == 1 + criteria.index(min(criteria))
+    assert result.val_metrics == result.history[result.best_epoch - 1]["val_metric"]
+    runner.model.load_state_dict(runner.best["model"])
+    _, test_metrics = runner.evaluate(data.test)
+    assert test_metrics == result.test_metrics
+
+
+def test_loss_scale_multiplies_one_task_for_the_method_only():
+    data = synthetic()
+    scaled = Runner(data, config("ew", loss_scale={"small": 10.0}), progress=False).run()
+    plain = Runner(data, config("ew"), progress=False).run()
+    assert scaled.history[0]["weights"] == plain.history[0]["weights"]  # EW: weights stay 1
+    assert scaled.test_metrics != plain.test_metrics
+    # the criterion and train losses are unscaled: same order of magnitude as the plain run
+    assert scaled.history[0]["train_loss"]["small"] < 5 * plain.history[0]["train_loss"]["small"]
+
+
+def test_loss_scale_of_an_unknown_task_lists_the_tasks():
+    with pytest.raises(ValueError, match="small, large, flag"):
+        Runner(synthetic(), config(loss_scale={"nope": 10.0}), progress=False)
+
+
+def test_a_nan_loss_is_reported_as_divergence_at_that_epoch():
+    result = Runner(
+        synthetic(), config("ew", loss_scale={"large": float("nan")}), progress=False
+    ).run()
+    assert result.status == "diverged" and result.diverged_epoch == 1
+    assert result.best_epoch == 0 and result.test_metrics == {}
+
+
+def test_adatask_trains_with_the_adatask_optimizer_and_single_task_runs_do_not():
+    data = synthetic()
+    assert isinstance(Runner(data, config("adatask"), progress=False).optimizer, AdaTaskAdam)
+    single = Runner(data, config("adatask", tasks=("large",)), progress=False)
+    assert type(single.optimizer) is torch.optim.Adam and single.config.label == "stl:large"
+
+
+def test_stochastic_methods_get_the_run_seed():
+    data = synthetic()
+    a = Runner(data, config("rlw", seed=0), progress=False).method.state_dict()
+    b = Runner(data, config("rlw", seed=1), progress=False).method.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor)) or (
+        str(a) != str(b)
+    )
+
+
+def test_method_specs_parse_values_and_reject_unknown_names():
+    spec = parse_method_spec("cagrad:c=0.25,level=feature")
+    assert spec == MethodSpec("cagrad", {"c": 0.25, "level": "feature"})
+    assert spec.label == "cagrad:c=0.25,level=feature"
+    with pytest.raises(ValueError, match=r"valid: .*imtl_g"):
+        parse_method_spec("imtl_x")
+    with pytest.raises(ValueError, match="valid: level, c, rescale"):
+        parse_method_spec("cagrad:alpha=1")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_method_spec("cagrad:0.5")
+    with pytest.raises(ValueError, match="loss-level"):
+        parse_method_spec("adatask:base=imtl_g")

@@ -3,13 +3,16 @@
 Every variant runs one training step's forward and backward on the same model and batch; the
 variants are interleaved round after round so that the machine's noise hits them alike, and each
 is reported as the ratio of its median step time to a plain ``sum(losses).backward()`` step.
-Peak memory is the peak resident set of a fresh process running only that variant, minus the
-peak of the same process running the plain step (CPU has no allocator statistics); it is
-compared with the size of the T x n Jacobian of the shared parameters.
+Peak memory is read off the profiler's CPU memory timeline for the first step of a fresh model
+(so that buffers reused across steps are counted), minus the plain step's peak; it is compared
+with the size of the T x n Jacobian of the shared parameters.
+
+The zoo section times every registered method, at its default level, at T = 3 and T = 32 on
+the MLP, against the same plain step.
 
 Usage:
     python benchmarks/step_time.py                      # all models, T in {2, 3, 5, 8, 32}
-    python benchmarks/step_time.py --tasks 3 32 --rounds 10 --no-memory
+    python benchmarks/step_time.py --tasks 3 32 --rounds 10 --no-memory --no-zoo
 Writes benchmarks/results/step_time.json and prints a table.
 """
 
@@ -18,11 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
-import subprocess
-import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,15 +44,25 @@ class MultiTaskNet(nn.Module):
         torch.manual_seed(0)
         if kind == "mlp":
             self.trunk: nn.Module = nn.Sequential(
-                nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
-                nn.Linear(512, 256), nn.ReLU(),
+                nn.Linear(256, 512),
+                nn.ReLU(),
+                nn.Linear(512, 512),
+                nn.ReLU(),
+                nn.Linear(512, 256),
+                nn.ReLU(),
             )
             width = 256
         elif kind == "cnn":
             self.trunk = nn.Sequential(
-                nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Conv2d(16, 32, 5), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Flatten(), nn.Linear(32 * 4 * 4, 128), nn.ReLU(),
+                nn.Conv2d(1, 16, 5),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(16, 32, 5),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Flatten(),
+                nn.Linear(32 * 4 * 4, 128),
+                nn.ReLU(),
             )
             width = 128
         else:
@@ -121,11 +132,11 @@ def _variants(model: MultiTaskNet) -> dict[str, Callable[[Tensor, Tensor], None]
     return variants
 
 
-def time_variants(kind: str, num_tasks: int, rounds: int) -> dict[str, float]:
+def time_variants(kind: str, num_tasks: int, rounds: int, zoo: bool = False) -> dict[str, float]:
     """Median step time of every variant, interleaved round by round (seconds)."""
     model = MultiTaskNet(kind, num_tasks)
     x, y = model.batch()
-    variants = _variants(model)
+    variants = _zoo_variants(model) if zoo else _variants(model)
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(rounds + 2):
         for name, step in variants.items():
@@ -138,23 +149,48 @@ def time_variants(kind: str, num_tasks: int, rounds: int) -> dict[str, float]:
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
-def _peak_rss_child(kind: str, num_tasks: int, variant: str) -> None:
-    """Run one variant a few times in this (fresh) process and print its peak RSS in bytes."""
-    model = MultiTaskNet(kind, num_tasks)
-    x, y = model.batch()
-    step = _variants(model)[variant]
-    for _ in range(3):
-        model.zero_grad(set_to_none=True)
+def _zoo_variants(model: MultiTaskNet) -> dict[str, Callable[[Tensor, Tensor], None]]:
+    """The plain step and every registered method at its default level."""
+    shared = list(model.trunk.parameters())
+
+    def plain(x, y):
+        losses, _ = model.losses(x, y)
+        sum(losses).backward()
+
+    def method_step(method):
+        def step(x, y):
+            losses, z = model.losses(x, y)
+            method.backward(losses, shared=shared, features=z)
+
+        return step
+
+    variants = {"sum_backward": plain}
+    for name in taskbalance.list_methods():
+        variants[name] = method_step(taskbalance.get_method(name, tasks=len(model.heads)))
+    return variants
+
+
+def _peak_bytes(step: Callable[[Tensor, Tensor], None], x: Tensor, y: Tensor) -> int:
+    """Peak bytes allocated during one step, from the profiler's CPU memory timeline."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+    ) as prof:
         step(x, y)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
+    return int(max(sum(row) for row in sizes))
 
 
 def peak_extra_memory(kind: str, num_tasks: int, variants: list[str]) -> dict[str, int]:
-    """Peak RSS of each variant minus that of the plain step, each in its own process."""
+    """Peak memory of each variant's FIRST step (so reused buffers are counted) minus that of
+    the plain step, each on a fresh model."""
 
     def peak(variant: str) -> int:
-        command = [sys.executable, __file__, "--child", kind, str(num_tasks), variant]
-        return int(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+        model = MultiTaskNet(kind, num_tasks)
+        x, y = model.batch()
+        return _peak_bytes(_variants(model)[variant], x, y)
 
     base = peak("sum_backward")
     return {variant: peak(variant) - base for variant in variants}
@@ -166,31 +202,27 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", type=int, default=[2, 3, 5, 8, 32])
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds per variant")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--no-zoo", action="store_true", help="skip timing every method")
     args = parser.parse_args()
-    if args.child:
-        _peak_rss_child(args.child[0], int(args.child[1]), args.child[2])
-        return
+    # FAMO's reminder to call update() is not what is measured here.
+    warnings.filterwarnings("ignore", category=RuntimeWarning)
     rows = []
     for kind in args.models:
         for num_tasks in args.tasks:
             times = time_variants(kind, num_tasks, args.rounds)
-            model = MultiTaskNet(kind, num_tasks)
-            shared_numel = sum(p.numel() for p in model.trunk.parameters())
-            row = {
-                "model": kind,
-                "tasks": num_tasks,
-                "shared_params": shared_numel,
-                "jacobian_bytes": num_tasks * shared_numel * 4,
-                "sum_backward_ms": 1e3 * times["sum_backward"],
-                "ratio_to_sum_backward": {n: t / times["sum_backward"] for n, t in times.items()},
-            }
+            row = _row(kind, num_tasks, times)
             if not args.no_memory:
                 row["extra_peak_bytes"] = peak_extra_memory(
                     kind, num_tasks, ["imtl_g_parameter", "loop_t_backward", "torchjd_imtlg"]
                 )
             rows.append(row)
             print(_format_row(row), flush=True)
+    zoo = []
+    if not args.no_zoo:
+        for num_tasks in (3, 32):
+            row = _row("mlp", num_tasks, time_variants("mlp", num_tasks, args.rounds, zoo=True))
+            zoo.append(row)
+            print("zoo", _format_row(row), flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         json.dumps(
@@ -200,6 +232,7 @@ def main() -> None:
                 "batch": BATCH,
                 "rounds": args.rounds,
                 "rows": rows,
+                "zoo": zoo,
             },
             indent=1,
         )
@@ -207,13 +240,26 @@ def main() -> None:
     print(f"wrote {RESULTS}")
 
 
+def _row(kind: str, num_tasks: int, times: dict[str, float]) -> dict:
+    shared_numel = sum(p.numel() for p in MultiTaskNet(kind, num_tasks).trunk.parameters())
+    return {
+        "model": kind,
+        "tasks": num_tasks,
+        "shared_params": shared_numel,
+        "jacobian_bytes": num_tasks * shared_numel * 4,
+        "sum_backward_ms": 1e3 * times["sum_backward"],
+        "ratio_to_sum_backward": {n: t / times["sum_backward"] for n, t in times.items()},
+    }
+
+
 def _format_row(row: dict) -> str:
     ratios = row["ratio_to_sum_backward"]
     parts = [f"{row['model']} T={row['tasks']:>2} plain={row['sum_backward_ms']:.1f}ms"]
     parts += [f"{name}={ratio:.2f}x" for name, ratio in ratios.items() if name != "sum_backward"]
     if "extra_peak_bytes" in row:
-        jac = row["jacobian_bytes"]
-        parts += [f"mem/{name}={extra / jac:.2f}J" for name, extra in row["extra_peak_bytes"].items()]
+        jacobian = row["jacobian_bytes"]
+        extras = row["extra_peak_bytes"].items()
+        parts += [f"mem/{name}={extra / jacobian:.2f}J" for name, extra in extras]
     return " ".join(parts)
 
 

@@ -24,6 +24,7 @@ own parameters are not in the user's DDP model, so their gradients are averaged 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -35,6 +36,7 @@ from taskbalance.distributed import Reducer, reducer
 from taskbalance.engine import (
     JacobianMode,
     TaskLosses,
+    Workspace,
     check_finite_losses,
     collect_losses,
     combine,
@@ -146,6 +148,10 @@ def _prepare(
     return _Prepared(checked, seen, loss_weights, total, ranks, scale)
 
 
+_WORKSPACES: weakref.WeakKeyDictionary[Method, Workspace] = weakref.WeakKeyDictionary()
+"""One Jacobian workspace per method, freed with it."""
+
+
 @dataclass
 class _SharedUpdate:
     """The combination for the shared part, one tensor per input (z's or the parameters')."""
@@ -163,7 +169,9 @@ def _shared_update(
     num_tasks = len(prepared.losses.names)
     ranks = prepared.reducer
     feature_level = method.level == "feature"
-    blocks = task_jacobian(prepared.weighted_tasks(), inputs, mode)
+    # The blocks never leave this step, so they may live in the method's reused workspace.
+    workspace = _WORKSPACES.setdefault(method, Workspace())
+    blocks = task_jacobian(prepared.weighted_tasks(), inputs, mode, workspace)
     if ranks is None and all(block is None for block in blocks):
         raise InvalidLossError(
             f"no task loss depends on the {_describe(method)}: pass the tensors the heads read"

@@ -9,6 +9,7 @@ losses, the Gramian ``K = G G^T`` of the per-task gradients, or the Jacobian ``G
 from taskbalance.engine.graph import leaf_tensors, reaches
 from taskbalance.engine.jacobian import (
     JacobianMode,
+    Workspace,
     combine,
     from_matrix,
     gramian,
@@ -28,6 +29,7 @@ __all__ = [
     "Level",
     "Requirement",
     "TaskLosses",
+    "Workspace",
     "check_finite_losses",
     "collect_losses",
     "combine",

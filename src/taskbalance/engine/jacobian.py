@@ -21,8 +21,37 @@ Blocks = list[Tensor | None]
 _warned_fallback = False
 
 
+class Workspace:
+    """Buffers for the stacked per-task gradients, reused from one step to the next.
+
+    On CPU, a fresh ``T x n`` buffer every step costs page faults comparable to the backward
+    passes themselves (benchmarks/step_time.py measured stacking into fresh memory at about
+    twice the cost of stacking into reused memory). Blocks written into a workspace are
+    overwritten by the next step, so only callers that do not hand the blocks out use one.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[int, Tensor] = {}
+
+    def buffer(self, index: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """An uninitialised buffer of ``shape`` with ``like``'s dtype and device."""
+        buffer = self._buffers.get(index)
+        if (
+            buffer is None
+            or buffer.shape != shape
+            or buffer.dtype != like.dtype
+            or buffer.device != like.device
+        ):
+            buffer = like.new_empty(shape)
+            self._buffers[index] = buffer
+        return buffer
+
+
 def task_jacobian(
-    outputs: Sequence[Tensor], inputs: Sequence[Tensor], mode: JacobianMode = "auto"
+    outputs: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    mode: JacobianMode = "auto",
+    workspace: Workspace | None = None,
 ) -> Blocks:
     """The gradient of every task loss w.r.t. every input, one block per input.
 
@@ -38,6 +67,8 @@ def task_jacobian(
             times; ``"auto"`` is the loop on CPU, where it measured faster at every T
             (benchmarks/step_time.py), and the batched call elsewhere, falling back to the
             loop, with one warning, where an operation of the model has no batching rule.
+        workspace: where the loop stacks the per-task gradients (reused across steps); the
+            blocks then live in it and are overwritten by the next call that uses it.
 
     Returns:
         For each input, a tensor of shape ``(T, *input.shape)``, or ``None`` when no task
@@ -58,7 +89,7 @@ def task_jacobian(
                 if mode == "batched":
                     raise
                 _warn_fallback(error)
-        return _loop(outputs, inputs)
+        return _loop(outputs, inputs, workspace)
     except RuntimeError as error:
         if "donated buffers" in str(error):
             raise RuntimeError(_DONATED_BUFFERS) from error
@@ -92,23 +123,30 @@ def _batched(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> Blocks:
     return list(grads)
 
 
-def _loop(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> Blocks:
-    per_task = [
-        torch.autograd.grad(output, inputs, retain_graph=True, allow_unused=True)
-        for output in outputs
-    ]
-    blocks: Blocks = []
-    for i in range(len(inputs)):
-        rows = [grads[i] for grads in per_task]
-        present = next((row for row in rows if row is not None), None)
-        if present is None:
-            blocks.append(None)
-            continue
-        blocks.append(
-            torch.stack(
-                [present.new_zeros(()).expand_as(present) if row is None else row for row in rows]
-            )
-        )
+def _loop(
+    outputs: Sequence[Tensor], inputs: Sequence[Tensor], workspace: Workspace | None
+) -> Blocks:
+    # Each task's gradients are copied into their row as soon as they exist, so that at most
+    # one task's gradients live beside the Jacobian (peak memory about (1 + 1/T) times it).
+    num_tasks = len(outputs)
+    blocks: Blocks = [None] * len(inputs)
+    for task, output in enumerate(outputs):
+        grads = torch.autograd.grad(output, inputs, retain_graph=True, allow_unused=True)
+        for i, grad in enumerate(grads):
+            block = blocks[i]
+            if grad is None:
+                if block is not None:
+                    block[task].zero_()
+                continue
+            if block is None:
+                shape = (num_tasks, *grad.shape)
+                block = (
+                    grad.new_empty(shape) if workspace is None else workspace.buffer(i, shape, grad)
+                )
+                block[:task].zero_()  # the earlier tasks did not reach this input
+                blocks[i] = block
+            block[task].copy_(grad)
+        del grads
     return blocks
 
 

@@ -49,14 +49,15 @@ def moco_step(
 
     >>> y, l, d = moco_step(torch.eye(2), torch.tensor([0.5, 0.5]), torch.eye(2), 0.5, 0.1)
     >>> l, d
-    (tensor([0.5000, 0.5000]), tensor([0.5000, 0.5000]))
+    (tensor([0.5000, 0.5000], dtype=torch.float64), tensor([0.5000, 0.5000]))
     """
     tracked = tracked - beta * (tracked - jacobian)
-    gramian = tracked @ tracked.T
+    # The T x n work stays in the Jacobian's dtype; the T x T step runs in float64.
+    gramian = (tracked @ tracked.T).to(torch.float64)
     if rho:
         gramian = gramian + rho * torch.eye(gramian.shape[0], dtype=gramian.dtype)
-    weights = project_simplex(weights - gamma * gramian @ weights)
-    return tracked, weights, weights @ tracked
+    weights = project_simplex(weights.to(torch.float64) - gamma * gramian @ weights.to(gramian))
+    return tracked, weights, weights.to(tracked) @ tracked
 
 
 @register
@@ -116,7 +117,7 @@ class MoCo(Method):
 
     def aggregate(self, losses: Tensor, jacobian: Tensor) -> Tensor:
         """One MoCo step (see :func:`moco_step`); returns the update ``Y^T l``."""
-        g = jacobian.detach().to(torch.float64)
+        g = jacobian.detach()
         if self.normalize:
             norms = g.norm(dim=1, keepdim=True)
             scale = losses.detach().to(g)[:, None] / norms.clamp_min(1e-300)
@@ -133,7 +134,7 @@ class MoCo(Method):
         k = float(self.step)
         tracked, weights, update = moco_step(
             self.tracked.to(g),
-            self.weights.to(g),
+            self.weights,
             g,
             self.beta / k**self.beta_sigma,
             self.gamma / k**self.gamma_sigma,
@@ -141,7 +142,7 @@ class MoCo(Method):
         )
         self.tracked.copy_(tracked)
         self.weights.copy_(weights)
-        return update.to(jacobian.dtype)
+        return update
 
     def extra_repr(self) -> str:
         return ", ".join(

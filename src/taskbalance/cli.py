@@ -63,7 +63,14 @@ defaults: with no arguments, QM9 (11 regression targets with very different diff
   and baseline, chosen per method on validation.
 
 outputs (--out): results.csv, results.json, report.md, validation_curves.png, task_weights.png,
-  train.log, checkpoints/ (one per run, after every epoch; --resume continues from them).
+  rt_spread.png and au_shares.png (from diagnostics sampled every --record-every steps, written
+  to diagnostics.csv), train.log, checkpoints/ (one per run, after every epoch; --resume
+  continues from them).
+
+several processes: torchrun --nproc_per_node 2 $(which taskbalance) bench ... trains every run
+  data-parallel (gloo on CPU, one GPU per rank with --device cuda): --batch-size stays the
+  global batch, each rank trains on its equal share of every batch, the methods reduce over the
+  ranks; only rank 0 prints and writes.
 """
 
 
@@ -269,6 +276,14 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         "to a machine whose load drifts); 0: report each run's own median step (default 5)",
     )
     bench.add_argument(
+        "--record-every",
+        type=int,
+        default=20,
+        metavar="K",
+        help="sample the diagnostics (weights, r_t spread, AU shares) every K training steps "
+        "for diagnostics.csv, rt_spread.png, au_shares.png; 0: off (default 20)",
+    )
+    bench.add_argument(
         "--full",
         action="store_true",
         help="the full protocol: all training rows, 40 epochs, 3 seeds, lr grid "
@@ -342,22 +357,48 @@ def bench_config(args: argparse.Namespace):
         out_dir=args.out or str(Path("taskbalance-bench") / dataset),
         resume=args.resume,
         timing_rounds=max(args.timing_rounds, 0),
+        record_every=max(args.record_every, 0),
     )
 
 
 def _bench(args: argparse.Namespace) -> None:
+
+    from taskbalance.bench.parallel import init_from_env
+
+    # Under torchrun (WORLD_SIZE > 1) the process group is ours to create and to destroy.
+    initialised = init_from_env(args.device)
+    try:
+        _bench_in_world(args)
+    finally:
+        if initialised:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _bench_in_world(args: argparse.Namespace) -> None:
+    import dataclasses
     import shlex
 
     from taskbalance.bench.benchmark import load_bench_data, run_benchmark
     from taskbalance.bench.data import ChecksumError, FetchError
+    from taskbalance.bench.parallel import barrier, current_world, local_device
 
+    world = current_world()
+    say = print if world.main else (lambda *_args, **_kw: None)
     config = bench_config(args)
+    config = dataclasses.replace(config, device=local_device(config.device, world))
     # One intra-op thread by default on CPU: the benchmark's models are small, and on a shared
     # 2-core machine two threads per process were measured 2-30x slower (oversubscription).
     if args.threads is not None or args.device == "cpu":
         torch.set_num_threads(args.threads or 1)
     try:
+        # Rank 0 first: it fetches into the cache (once) while the others wait, then they read.
+        if not world.main:
+            barrier(world)
         data = load_bench_data(config)
+        if world.main:
+            barrier(world)
     except (FetchError, ChecksumError) as error:
         raise SystemExit(f"taskbalance bench: {error}") from None
     unknown = sorted(set(config.loss_scale) - set(data.task_names))
@@ -376,19 +417,21 @@ def _bench(args: argparse.Namespace) -> None:
             "--lr-grid gives every method the same small grid, chosen on validation)"
         )
     command = "taskbalance " + " ".join(map(shlex.quote, args.argv))
-    print(f"methods: {', '.join(m.label for m in config.methods)}")
+    if world.distributed:
+        command = f"torchrun --nproc_per_node {world.size} $(which taskbalance) " + command[12:]
+    say(f"methods: {', '.join(m.label for m in config.methods)}")
     result = run_benchmark(
         config, data=data, command=command.strip(), progress=not args.no_progress,
         verbose=args.verbose, notes=notes,
     )  # fmt: skip
-    print()
-    print(result.table)
-    print()
+    say()
+    say(result.table)
+    say()
     for note in notes:
-        print(note)
-    print(f"finished in {result.seconds:.0f} s; written:")
+        say(note)
+    say(f"finished in {result.seconds:.0f} s; written:")
     for kind, path in result.files.items():
-        print(f"  {kind:18s} {path}")
+        say(f"  {kind:18s} {path}")
 
 
 def _datasets(args: argparse.Namespace) -> None:

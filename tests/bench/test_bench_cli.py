@@ -107,3 +107,15 @@ def test_loss_scale_on_an_unknown_task_lists_the_tasks(monkeypatch, tmp_path):
     monkeypatch.setattr(benchmark, "load_dataset", lambda name, **options: tiny())
     with pytest.raises(SystemExit, match="tasks of tiny: a, b"):
         main(["bench", "--loss-scale", "zz=10", "--out", str(tmp_path), "--no-progress"])
+
+
+def test_bench_writes_the_diagnostics_plots(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(benchmark, "load_dataset", lambda name, **options: tiny())
+    argv = ["bench", "--dataset", "rf1", "--methods", "imtl_g", "adatask", "--epochs", "1",
+            "--hidden", "8", "--batch-size", "8", "--record-every", "2", "--no-single-task",
+            "--timing-rounds", "0", "--out", str(tmp_path), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for name in ("rt_spread.png", "au_shares.png", "diagnostics.csv"):
+        assert (tmp_path / name).exists() and str(tmp_path / name) in out
+    assert parse("--record-every", "0").record_every == 0 and parse().record_every == 20

@@ -145,3 +145,45 @@ def test_outputs_are_written_whole_and_parse(tmp_path):
     payload = json.loads(files["json"].read_text())
     assert payload["command"] == "taskbalance bench x" and len(payload["runs"]) == 3
     assert "taskbalance bench x" in files["report"].read_text()
+
+
+def with_records(result: RunResult, records: list[dict]) -> RunResult:
+    result.records = records
+    return result
+
+
+def record(step, metric, value, task=None, layer=None):
+    return {"step": step, "metric": metric, "task": task, "other": None, "layer": layer,
+            "value": value}  # fmt: skip
+
+
+def test_diagnostics_go_to_their_own_csv_and_plots_not_to_results_json(tmp_path):
+    spread = [record(s, "r_spread", 0.5 / (s + 1)) for s in (0, 10, 20)]
+    au = [
+        record(s, "au_share", v, task=t, layer=layer)
+        for s in (0, 10)
+        for layer in ("trunk.0.weight", "*")
+        for t, v in (("acc", 0.7), ("err", 0.3))
+    ]
+    runs = [
+        *stl(0, 0.8, 1.0),
+        run("ew", 0, {"acc": 0.5, "err": 1.0}),
+        with_records(run("imtl_g", 0, {"acc": 0.6, "err": 1.0}), spread),
+        with_records(run("adatask", 0, {"acc": 0.6, "err": 0.9}), au),
+    ]
+    files = write_outputs(tmp_path, data(), summarize(data(), runs), runs, runs, command="x")
+    for kind in ("rt_spread", "au_shares"):
+        assert files[kind].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"![{kind}]({kind}.png)" in files["report"].read_text()
+    rows = list(csv.DictReader(files["diagnostics"].read_text().splitlines()))
+    assert len(rows) == len(spread) + len(au)
+    assert {r["method"] for r in rows} == {"imtl_g", "adatask"}
+    payload = json.loads(files["json"].read_text())
+    assert all("records" not in r for r in payload["runs"])
+
+
+def test_no_diagnostics_means_no_diagnostics_files(tmp_path):
+    runs = [*stl(0, 0.8, 1.0), run("ew", 0, {"acc": 0.5, "err": 1.0})]
+    files = write_outputs(tmp_path, data(), summarize(data(), runs), runs, runs, command="x")
+    assert not {"diagnostics", "rt_spread", "au_shares"} & set(files)
+    assert not (tmp_path / "rt_spread.png").exists()

@@ -196,3 +196,67 @@ def test_method_specs_parse_values_and_reject_unknown_names():
         parse_method_spec("cagrad:0.5")
     with pytest.raises(ValueError, match="loss-level"):
         parse_method_spec("adatask:base=imtl_g")
+
+
+def test_the_recorder_samples_every_k_steps_into_the_result():
+    runner = Runner(synthetic(), config("imtl_g"), progress=False, record_every=5)
+    result = runner.run()
+    steps = sorted({r["step"] for r in result.records})
+    assert steps == [0, 5, 10]  # 3 epochs of 4 steps: steps 0..11
+    spread = [r for r in result.records if r["metric"] == "r_spread"]
+    assert len(spread) == 3 and all(r["value"] >= 0 for r in spread)
+    assert not any(r["metric"] == "cosine" for r in result.records)  # T(T-1)/2 a sample: off
+
+
+def test_loss_level_methods_record_weights_but_no_r_and_single_task_runs_nothing():
+    ew = Runner(synthetic(), config("ew"), progress=False, record_every=1).run()
+    metrics = {r["metric"] for r in ew.records}
+    assert {"loss", "weight"} <= metrics and "r" not in metrics and "r_spread" not in metrics
+    single = Runner(synthetic(), config(tasks=("large",)), progress=False, record_every=1)
+    assert single.run().records == []
+
+
+def test_adatask_records_au_shares_per_named_trunk_layer_summing_to_one():
+    result = Runner(synthetic(), config("adatask"), progress=False, record_every=4).run()
+    shares = [r for r in result.records if r["metric"] == "au_share"]
+    layers = {r["layer"] for r in shares}
+    assert {"*", "trunk.mlp.0.weight", "trunk.mlp.0.bias"} <= layers
+    for step in {r["step"] for r in shares}:
+        for layer in layers:
+            total = sum(r["value"] for r in shares if r["step"] == step and r["layer"] == layer)
+            assert total == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("method", ["imtl_g", "adatask"])
+def test_recording_leaves_training_unchanged(method):
+    plain = Runner(synthetic(), config(method), progress=False)
+    recorded = Runner(synthetic(), config(method), progress=False, record_every=1)
+    a, b = plain.run(), recorded.run()
+    assert without_times(a.history) == without_times(b.history) and b.records
+    for pa, pb in zip(plain.model.parameters(), recorded.model.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_an_interrupted_run_resumes_its_diagnostics_too(tmp_path):
+    data = synthetic()
+    full = Runner(data, config("adatask"), progress=False, record_every=3).run()
+
+    def stop_after_one(runner: Runner) -> None:
+        if runner.epoch == 1:
+            raise Interrupt
+
+    path = tmp_path / "cut.pt"
+    with pytest.raises(Interrupt):
+        Runner(data, config("adatask"), checkpoint=path, progress=False, record_every=3).run(
+            stop_after_one
+        )
+    resumed = Runner(
+        data, config("adatask"), checkpoint=path, resume=True, progress=False, record_every=3
+    ).run()
+    assert resumed.records == full.records
+
+
+def test_float64_runs_train_and_evaluate_in_float64():
+    runner = Runner(synthetic(), config("imtl_g", epochs=1), progress=False, dtype=torch.float64)
+    assert all(p.dtype == torch.float64 for p in runner.model.parameters())
+    assert runner.run().status == "ok"

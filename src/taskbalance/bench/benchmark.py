@@ -11,10 +11,15 @@ finished runs are read back and interrupted ones continue.
 Fixed choices (documented in docs/benchmarks.md): the data split uses ``data_seed`` (0) for
 every seed, so seeds vary the initialisation, the mini-batch order and the methods' own
 randomness, not the split; ``train_size`` keeps a seeded subset of the training split.
+
+Under torch.distributed (e.g. ``torchrun``), every rank runs the same plan in the same order
+(each run data-parallel, see :mod:`taskbalance.bench.parallel`); only rank 0 prints, shows
+progress bars and writes the log, checkpoints and outputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
@@ -30,6 +35,7 @@ import torch
 
 from taskbalance.bench.data import load_dataset
 from taskbalance.bench.data.types import MultiTaskData, split_indices
+from taskbalance.bench.parallel import current_world
 from taskbalance.bench.report import Row, format_table, summarize, write_outputs
 from taskbalance.bench.runner import (
     MethodSpec,
@@ -81,6 +87,9 @@ class BenchConfig:
     resume: bool = False
     timing_rounds: int = 5
     timing_steps: int = 10
+    record_every: int = 20
+    """Sample the diagnostics (weights, ``r_t`` spread, AU shares) every this many steps; 0:
+    off."""
 
 
 @dataclass
@@ -189,10 +198,16 @@ def run_benchmark(
 
     ``data`` replaces loading (tests pass a tiny dataset). ``echo`` prints status lines;
     per-epoch log lines go to ``<out>/train.log`` (and to ``echo`` when ``verbose``).
+    Under several ranks only rank 0 echoes, shows progress and writes; the others return the
+    same rows with no files.
     """
     began = time.perf_counter()
+    world = current_world()
+    if not world.main:
+        echo, progress, verbose = (lambda _line: None), False, False
     out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
     if data is None:
         echo(f"loading {config.dataset} ...")
         data = load_bench_data(config)
@@ -201,7 +216,12 @@ def run_benchmark(
     configs = plan(config, data)
     log_path = out / "train.log"
     results: list[RunResult] = []
-    with open(log_path, "a" if config.resume else "w", encoding="utf-8") as log_file:
+    opened = (
+        open(log_path, "a" if config.resume else "w", encoding="utf-8")  # noqa: SIM115
+        if world.main
+        else contextlib.nullcontext(None)
+    )
+    with opened as log_file:
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -209,6 +229,8 @@ def run_benchmark(
             bar = tqdm(total=len(configs), desc="runs", unit="run", dynamic_ncols=True)
 
         def log(line: str) -> None:
+            if log_file is None:
+                return
             log_file.write(line + "\n")
             log_file.flush()
             if verbose:
@@ -222,6 +244,7 @@ def run_benchmark(
                 runner = Runner(
                     data, run_config, checkpoint=out / "checkpoints" / f"{name}.pt",
                     resume=config.resume, progress=progress, log=log,
+                    record_every=config.record_every,
                 )  # fmt: skip
                 result = runner.run()
                 results.append(result)
@@ -254,6 +277,12 @@ def run_benchmark(
         f"{platform.machine()}, {os.cpu_count()} CPU(s) visible, torch {torch.__version__} "
         f"with {torch.get_num_threads()} thread(s), device {config.device}"
     )
+    if world.distributed:
+        machine += (
+            f", {world.size} data-parallel ranks (DistributedDataParallel; each rank trains on "
+            f"{config.batch_size // world.size} rows of every global batch of "
+            f"{config.batch_size}; ms/step is rank 0's)"
+        )
     all_notes = [
         f"wall time {seconds:.0f} s on {machine}",
         f"{len(config.seeds)} seed(s) {config.seeds}; epochs {config.epochs}; batch "
@@ -264,7 +293,15 @@ def run_benchmark(
         timed_note,
         *notes,
     ]
-    files = write_outputs(out, data, rows, results, selected, command=command, notes=all_notes)
-    files["log"] = log_path
+    if config.record_every > 0:
+        all_notes.append(
+            f"diagnostics sampled every {config.record_every} steps (diagnostics.csv): weights, "
+            "EMTL's r_t where the step forms per-task gradient norms (not loss-level methods), "
+            "AdaTask's AU shares"
+        )
+    files: dict[str, Path] = {}
+    if world.main:
+        files = write_outputs(out, data, rows, results, selected, command=command, notes=all_notes)
+        files["log"] = log_path
     table = format_table(data, rows)
     return BenchResult(data, rows, results, selected, files, seconds, table)

@@ -124,11 +124,13 @@ def task_loss(
     >>> float(task_loss(spec, torch.zeros(3), torch.tensor([1.0, -1.0, 0.0])))  # log 2
     0.6931471824645996
     """
-    keep = _kept(target, spec.missing_label)
-    if not bool(keep.all()):
-        if not bool(keep.any()):
-            return output.sum() * 0.0
-        output, target = output[keep], target[keep]
+    if spec.missing_label is not None:
+        # Only tasks that can miss labels pay for the mask (and its host sync) every step.
+        keep = target != spec.missing_label
+        if not bool(keep.all()):
+            if not bool(keep.any()):
+                return output.sum() * 0.0
+            output, target = output[keep], target[keep]
     if spec.kind == "multiclass":
         return F.cross_entropy(output, target)
     if spec.kind == "binary":

@@ -12,9 +12,9 @@ baselines) into :class:`Row` objects:
   spread and nothing is marked.
 
 :func:`write_outputs` writes ``results.csv`` (one row per method, seed, task, metric),
-``results.json`` (the table, every run with its per-epoch history, the command), ``report.md``
-and the plots, each to a temporary name then renamed, so an interrupted run leaves no
-half-written file.
+``results.json`` (the table, every run with its per-epoch history, the command), ``report.md``,
+``diagnostics.csv`` (the runs' sampled diagnostics records, when any) and the plots, each to a
+temporary name then renamed, so an interrupted run leaves no half-written file.
 """
 
 from __future__ import annotations
@@ -252,6 +252,25 @@ def results_rows(runs: Sequence[RunResult], selected: Sequence[RunResult]) -> li
     return out
 
 
+#: The columns of ``diagnostics.csv``: the run, then :data:`taskbalance.diagnostics.COLUMNS`.
+DIAGNOSTICS_COLUMNS = ("method", "seed", "lr", "selected", "step", "metric", "task", "other",
+                       "layer", "value")  # fmt: skip
+
+
+def diagnostics_rows(
+    runs: Sequence[RunResult], selected: Sequence[RunResult]
+) -> list[dict[str, Any]]:
+    """Every run's diagnostics records (:attr:`RunResult.records`), one row per record, with
+    the run's method, seed, lr and whether it is a selected run."""
+    chosen = {id(r) for r in selected}
+    out = []
+    for run in runs:
+        base = {"method": run.label, "seed": run.config["seed"], "lr": run.config["lr"],
+                "selected": id(run) in chosen}  # fmt: skip
+        out.extend({**base, **record} for record in run.records)
+    return out
+
+
 def write_outputs(
     out_dir: str | os.PathLike[str],
     data: MultiTaskData,
@@ -263,7 +282,8 @@ def write_outputs(
     notes: Sequence[str] = (),
     plots: bool = True,
 ) -> dict[str, Path]:
-    """Write results.csv, results.json, report.md and the PNG plots to ``out_dir``.
+    """Write results.csv, results.json, report.md, diagnostics.csv (when the runs recorded
+    any) and the PNG plots to ``out_dir``.
 
     Returns ``{kind: path}`` of what was written.
     """
@@ -305,13 +325,23 @@ def write_outputs(
         },
         "notes": list(notes),
         "table": [_row_dict(r) for r in rows],
-        "runs": [r.to_dict() for r in runs],
+        # The diagnostics records go to diagnostics.csv: thousands of rows per run.
+        "runs": [{k: v for k, v in r.to_dict().items() if k != "records"} for r in runs],
         "selected": [
             {"method": r.label, "seed": r.config["seed"], "lr": r.config["lr"]} for r in selected
         ],
     }
     written["json"] = out / "results.json"
     _atomic_write(written["json"], json.dumps(payload, indent=1, default=_json_default).encode())
+
+    diagnostics = diagnostics_rows(runs, selected)
+    if diagnostics:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(DIAGNOSTICS_COLUMNS))
+        writer.writeheader()
+        writer.writerows(diagnostics)
+        written["diagnostics"] = out / "diagnostics.csv"
+        _atomic_write(written["diagnostics"], buffer.getvalue().encode())
 
     plot_paths: dict[str, Path] = {}
     notes = list(notes)
@@ -365,8 +395,10 @@ def _row_dict(row: Row) -> dict[str, Any]:
 def write_plots(
     out_dir: str | os.PathLike[str], data: MultiTaskData, selected: Sequence[RunResult]
 ) -> dict[str, Path]:
-    """Validation metric per task vs epoch, and the mean task weights per epoch (first seed of
-    every method), as PNGs (matplotlib, Agg backend). Returns ``{name: path}``."""
+    """Validation metric per task vs epoch, the mean task weights per epoch, and, from the
+    runs' diagnostics records, EMTL's ``r_t`` spread over training (every method that recorded
+    it) and AdaTask's AU shares (every ``adatask`` run), first seed of every method, as PNGs
+    (matplotlib, Agg backend). Returns ``{name: path}``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -420,7 +452,63 @@ def write_plots(
         fig.tight_layout()
         paths["task_weights"] = _save_fig(fig, out / "task_weights.png")
         plt.close(fig)
+
+    spread = [(run, _series(run, "r_spread")) for run in methods]
+    spread = [(run, series) for run, series in spread if series[0]]
+    if spread:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.set_prop_cycle(color=colors)
+        for run, (steps, values) in spread:
+            ax.plot(steps, values, label=run.label)
+        ax.set_title("spread of EMTL's r_t = L_t / ||g_t|| (std / mean over tasks)")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("r_t spread")
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        paths["rt_spread"] = _save_fig(fig, out / "rt_spread.png")
+        plt.close(fig)
+
+    adatask = [r for r in methods if r.label.split(":")[0] == "adatask"]
+    adatask = [r for r in adatask if any(x["metric"] == "au_share" for x in r.records)]
+    if adatask:
+        fig, axes = plt.subplots(len(adatask), 2, figsize=(12, 4 * len(adatask)), squeeze=False)
+        for (bars, lines), run in zip(axes, adatask, strict=True):
+            _au_panels(bars, lines, run, tasks, colors)
+        fig.tight_layout()
+        paths["au_shares"] = _save_fig(fig, out / "au_shares.png")
+        plt.close(fig)
     return paths
+
+
+def _series(run: RunResult, metric: str, **keys: Any) -> tuple[list[int], list[float]]:
+    chosen = [
+        r for r in run.records
+        if r["metric"] == metric and all(r.get(k) == v for k, v in keys.items())
+    ]  # fmt: skip
+    return [r["step"] for r in chosen], [r["value"] for r in chosen]
+
+
+def _au_panels(bars: Any, lines: Any, run: RunResult, tasks: Sequence[str], colors: Any) -> None:
+    """Left: each task's AU share of every shared layer at the last sample (stacked bars;
+    ``*``: all layers together). Right: each task's share of all layers over training."""
+    shares = [r for r in run.records if r["metric"] == "au_share"]
+    last = max(r["step"] for r in shares)
+    latest = {(r["layer"], r["task"]): r["value"] for r in shares if r["step"] == last}
+    layers = list(dict.fromkeys(layer for layer, _ in latest))
+    left = [0.0] * len(layers)
+    for i, task in enumerate(tasks):
+        heights = [latest.get((layer, task), 0.0) for layer in layers]
+        bars.barh(layers, heights, left=left, label=task, color=colors[i % len(colors)])
+        left = [a + b for a, b in zip(left, heights, strict=True)]
+    bars.set_xlim(0, 1)
+    bars.invert_yaxis()
+    bars.set_title(f"{run.label}: AU share per shared layer (step {last})")
+    for i, task in enumerate(tasks):
+        steps, values = _series(run, "au_share", layer="*", task=task)
+        lines.plot(steps, values, label=task, color=colors[i % len(colors)])
+    lines.set_title(f"{run.label}: AU share of all shared layers")
+    lines.set_xlabel("training step")
+    lines.legend(fontsize=6, ncol=2)
 
 
 def _save_fig(fig: Any, path: Path) -> Path:

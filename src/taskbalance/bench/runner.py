@@ -27,14 +27,26 @@ Protocol of one run (:class:`Runner`):
 * Divergence: a NaN or infinite training or validation loss stops the run; it is reported as
   diverged at that epoch, with the test metrics of the best epoch before it (if any).
 * Checkpoints: after every epoch, :meth:`Runner.state_dict` (model, optimizer, method, epoch,
-  best state so far, history, RNG states) is written atomically; a run built with the same
-  config and ``resume=True`` continues from it and ends with bit-identical parameters and
-  metrics on CPU.
+  best state so far, history, RNG states, diagnostics) is written atomically; a run built with
+  the same config and ``resume=True`` continues from it and ends with bit-identical parameters
+  and metrics on CPU.
+* Diagnostics (``record_every=k``): a :class:`taskbalance.Recorder` reads the
+  :class:`~taskbalance.StepInfo` of every k-th step (no extra backward: what the step computed,
+  e.g. EMTL's ``r_t`` and its spread wherever the step formed per-task gradient norms) and, for
+  AdaTask, the optimizer's AU tracker sampled on the same steps. The records end up in
+  :attr:`RunResult.records`. Pairwise cosines are not recorded (``T (T - 1) / 2`` numbers a
+  sample); single-task runs record nothing.
+* Several processes (torch.distributed initialised with more than one rank): see
+  :mod:`taskbalance.bench.parallel`. The model is wrapped in DistributedDataParallel, each rank
+  trains on its equal shard of every mini-batch (``batch_size`` is the global batch), the
+  method reduces over the ranks by itself, rank 0's evaluation is broadcast, and only rank 0
+  logs, shows progress and writes checkpoints.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import statistics
@@ -46,12 +58,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from taskbalance.apply import StepInfo
 from taskbalance.bench.data.types import MultiTaskData, Split
 from taskbalance.bench.metrics import RegressionLoss, task_loss, task_metric
-from taskbalance.bench.models import MultiTaskModel, build_model
+from taskbalance.bench.models import MultiTaskModel, Representation, build_model
+from taskbalance.bench.parallel import World, broadcast, current_world, mean_over_ranks, shard
 from taskbalance.engine.requirement import Requirement
 from taskbalance.errors import NonFiniteLossError
 from taskbalance.methods.base import Method
@@ -216,6 +229,9 @@ class RunResult:
         step_ms: median wall time of a training step over the run, in milliseconds.
         status: ``"ok"`` or ``"diverged"``; diverged_epoch: the epoch it diverged at.
         train_seconds: wall time spent in training steps.
+        records: the diagnostics recorder's tidy records (``step``, ``metric``, ``task``,
+            ``other``, ``layer``, ``value``; see :class:`taskbalance.Recorder`); empty when
+            nothing was recorded.
     """
 
     config: dict[str, Any]
@@ -230,6 +246,7 @@ class RunResult:
     status: str
     diverged_epoch: int | None
     train_seconds: float
+    records: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict."""
@@ -262,8 +279,17 @@ def _build_optimizer(
     if config.method.name == "adatask" and len(model.task_names) > 1:
         from taskbalance.optim import AdaTaskAdam
 
-        groups = [{"params": shared, "shared": True}, {"params": others}]
-        groups += [method_group] if method_group else []
+        # Named parameters (torch wants every group named, or none): the AU diagnostic reports
+        # its shares per shared layer by these names.
+        named = dict(model.named_parameters())
+        names = {id(p): name for name, p in named.items()}
+        groups = [
+            {"params": shared, "shared": True, "param_names": [names[id(p)] for p in shared]},
+            {"params": others, "param_names": [names[id(p)] for p in others]},
+        ]
+        if method_group:
+            method_names = [f"method.{name}" for name, _ in method.named_parameters()]
+            groups.append({**method_group, "param_names": method_names})
         return AdaTaskAdam(
             groups,
             lr=config.lr,
@@ -272,6 +298,32 @@ def _build_optimizer(
         )
     groups = [{"params": [*shared, *others]}] + ([method_group] if method_group else [])
     return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+class _TrainingForward(nn.Module):
+    """``(z, {task: head(z)})`` in one forward: the module DistributedDataParallel wraps, so that
+    the training forward goes through DDP (arming its reducer) and still returns ``z``, which
+    feature-level methods need."""
+
+    def __init__(self, model: MultiTaskModel, tasks: Sequence[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.tasks = tuple(tasks)
+
+    def forward(
+        self, x: Tensor, x_cat: Tensor | None = None
+    ) -> tuple[Representation, dict[str, Tensor]]:
+        z = self.model.trunk_forward(x, x_cat)
+        return z, {t: self.model.heads[t](z) for t in self.tasks}
+
+
+def _cast_split(split: Split, dtype: torch.dtype) -> Split:
+    """Floating inputs and targets in ``dtype`` (category indices and class labels untouched)."""
+
+    def cast(t: Tensor) -> Tensor:
+        return t.to(dtype) if t.is_floating_point() else t
+
+    return Split(cast(split.x), {k: cast(v) for k, v in split.y.items()}, split.x_cat)
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -292,6 +344,12 @@ class Runner:
         resume: continue from ``checkpoint`` if it exists (its config must equal ``config``).
         progress: show a tqdm bar over epochs.
         log: called with a one-line summary after each epoch.
+        record_every: sample the diagnostics every this many steps (``None`` or 0: none).
+        dtype: train and evaluate in this floating dtype (default: the data's, float32);
+            float64 serves exactness checks (e.g. several ranks against one process).
+
+    Under torch.distributed (more than one rank), only rank 0 keeps ``progress``, ``log`` and
+    the checkpoint writes; every rank reads a checkpoint to resume.
 
     >>> from taskbalance.bench.data.types import MultiTaskData, Split, TaskSpec
     >>> g = torch.Generator().manual_seed(0)
@@ -314,9 +372,19 @@ class Runner:
         resume: bool = False,
         progress: bool = True,
         log: Callable[[str], None] | None = None,
+        record_every: int | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
+        if dtype is not None:
+            data = dataclasses.replace(
+                data,
+                train=_cast_split(data.train, dtype),
+                val=_cast_split(data.val, dtype),
+                test=_cast_split(data.test, dtype),
+            )
         self.data = data
         self.config = config
+        self.world: World = current_world()
         self.tasks: tuple[str, ...] = config.tasks or data.task_names
         self.specs = {t: data.task(t) for t in self.tasks}
         unknown = sorted(set(config.loss_scale) - set(data.task_names))
@@ -330,13 +398,28 @@ class Runner:
             else {t: float(config.loss_scale.get(t, 1.0)) for t in self.tasks}
         )
         self.device = torch.device(config.device)
+        # The same seed on every rank: identical initial models (DDP also broadcasts rank 0's).
         torch.manual_seed(config.seed)
         self.model = build_model(config.arch, data, self.tasks, config.model_options).to(
-            self.device
+            device=self.device, dtype=dtype
         )
         self.method = _build_method(config, self.tasks).to(self.device)
+        if dtype is not None:
+            self.method.to(dtype)
         self.optimizer = _build_optimizer(config, self.model, self.method)
         self.adatask = config.method.name == "adatask" and len(self.tasks) > 1
+        self.forward: nn.Module = _TrainingForward(self.model, self.tasks)
+        if self.world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device] if self.device.type == "cuda" else None
+            self.forward = DistributedDataParallel(self.forward, device_ids=ids)
+        self.recorder = None
+        if record_every and len(self.tasks) > 1:
+            from taskbalance.diagnostics import Recorder
+
+            au = self.optimizer.track_au(every=record_every) if self.adatask else None  # type: ignore[attr-defined]
+            self.recorder = Recorder(every=record_every, au=au, cosines=False)
         self.shuffle = torch.Generator().manual_seed(config.seed)
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
@@ -344,9 +427,11 @@ class Runner:
         self.status = "running"
         self.diverged_epoch: int | None = None
         self.step_times: list[float] = []
+        self.rows_trained = 0
+        """Training rows this process stepped on since it was built (its shards under DDP)."""
         self.result: RunResult | None = None
-        self.progress = progress
-        self.log = log
+        self.progress = progress and self.world.main
+        self.log = log if self.world.main else None
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self._train = self._to_device(data.train)
         if resume and self.checkpoint is not None and self.checkpoint.exists():
@@ -376,6 +461,7 @@ class Runner:
             "step_times": self.step_times,
             "rng": {"torch": torch.get_rng_state(), "shuffle": self.shuffle.get_state()},
             "result": None if self.result is None else self.result.to_dict(),
+            "recorder": None if self.recorder is None else self.recorder.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -398,9 +484,11 @@ class Runner:
         torch.set_rng_state(state["rng"]["torch"])
         self.shuffle.set_state(state["rng"]["shuffle"])
         self.result = None if state["result"] is None else RunResult.from_dict(state["result"])
+        if self.recorder is not None and state.get("recorder") is not None:
+            self.recorder.load_state_dict(state["recorder"])
 
     def _save(self) -> None:
-        if self.checkpoint is not None:
+        if self.checkpoint is not None and self.world.main:
             _atomic_save(self.state_dict(), self.checkpoint)
 
     # -- training -----------------------------------------------------------------------------
@@ -418,8 +506,8 @@ class Runner:
 
         Raises :class:`taskbalance.NonFiniteLossError` (nothing updated) on a NaN loss.
         """
-        z = self.model.trunk_forward(x, x_cat)
-        raw = self._losses({t: self.model.heads[t](z) for t in self.tasks}, y)
+        z, outputs = self.forward(x, x_cat)
+        raw = self._losses(outputs, y)
         losses = {t: raw[t] * self.scale[t] if self.scale.get(t, 1.0) != 1.0 else raw[t]
                   for t in self.tasks}  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
@@ -433,15 +521,24 @@ class Runner:
         return {t: v.detach() for t, v in raw.items()}, info
 
     def train_epoch(self) -> dict[str, Any] | None:
-        """One pass over the training split; ``None`` if a loss turned NaN or infinite."""
+        """One pass over the training split; ``None`` if a loss turned NaN or infinite.
+
+        Under several ranks each trains on its shard of every mini-batch
+        (:func:`taskbalance.bench.parallel.shard`); the epoch's mean losses are averaged over the
+        ranks (one all-reduce per epoch).
+        """
         self.model.train()
         split, n = self._train, len(self._train)
         order = torch.randperm(n, generator=self.shuffle)
-        totals = torch.zeros(len(self.tasks), dtype=torch.float64)
-        weights = torch.zeros(len(self.tasks), dtype=torch.float64)
+        # Running sums stay on the device, in float64: no host sync per step.
+        totals = torch.zeros(len(self.tasks), dtype=torch.float64, device=self.device)
+        weights = torch.zeros(len(self.tasks), dtype=torch.float64, device=self.device)
         steps, times = 0, []
         for start in range(0, n, self.config.batch_size):
-            index = order[start : start + self.config.batch_size].to(self.device)
+            index = shard(order[start : start + self.config.batch_size], self.world)
+            if len(index) == 0:  # fewer rows than ranks: every rank skips it alike
+                continue
+            index = index.to(self.device)
             x_cat = None if split.x_cat is None else split.x_cat[index]
             batch = (split.x[index], x_cat, {t: split.y[t][index] for t in self.tasks})
             began = time.perf_counter()
@@ -450,10 +547,17 @@ class Runner:
             except NonFiniteLossError:
                 return None
             times.append(time.perf_counter() - began)
-            totals += torch.stack([raw[t] for t in self.tasks]).double().cpu()
-            weights += info.weights.detach().double().cpu()
+            self.rows_trained += len(index)
+            totals += torch.stack([raw[t] for t in self.tasks]).double()
+            weights += info.weights.detach().double().to(self.device)
             steps += 1
+            if self.recorder is not None:
+                self.recorder.observe(info)
         self.step_times.extend(times)
+        if steps == 0:
+            raise ValueError(f"no training step: {n} training rows for {self.world.size} rank(s)")
+        totals = mean_over_ranks(totals, self.world).cpu()
+        weights = weights.cpu()
         return {
             "train_loss": dict(zip(self.tasks, (totals / steps).tolist(), strict=True)),
             "weights": dict(zip(self.tasks, (weights / steps).tolist(), strict=True)),
@@ -463,7 +567,14 @@ class Runner:
 
     @torch.no_grad()
     def evaluate(self, split: Split) -> tuple[dict[str, float], dict[str, float]]:
-        """Unscaled losses and metrics per task on ``split`` (in evaluation mode)."""
+        """Unscaled losses and metrics per task on ``split`` (in evaluation mode).
+
+        Under several ranks every rank evaluates the whole split and rank 0's numbers are
+        returned everywhere, so that all ranks select and stop alike.
+        """
+        return broadcast(self._evaluate(split), self.world)
+
+    def _evaluate(self, split: Split) -> tuple[dict[str, float], dict[str, float]]:
         self.model.eval()
         outputs: dict[str, list[Tensor]] = {t: [] for t in self.tasks}
         size = self.config.eval_batch_size
@@ -569,6 +680,7 @@ class Runner:
             status=self.status,
             diverged_epoch=self.diverged_epoch,
             train_seconds=sum(r["train_seconds"] for r in self.history),
+            records=[] if self.recorder is None else self.recorder.records(),
         )
 
 
@@ -625,8 +737,11 @@ def time_steps(
     batches = []
     for runner in runners:
         split, n = runner._train, min(len(runner._train), runner.config.batch_size)
-        y = {t: split.y[t][:n] for t in runner.tasks}
-        batches.append((split.x[:n], None if split.x_cat is None else split.x_cat[:n], y))
+        # Under several ranks: this rank's shard of the batch (every rank times alike).
+        index = shard(torch.arange(n), runner.world).to(runner.device)
+        y = {t: split.y[t][index] for t in runner.tasks}
+        x_cat = None if split.x_cat is None else split.x_cat[index]
+        batches.append((split.x[index], x_cat, y))
         runner.step(*batches[-1])  # warm-up: allocations, lazy state
     for _ in range(rounds):
         for runner, batch in zip(runners, batches, strict=True):

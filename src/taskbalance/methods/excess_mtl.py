@@ -28,12 +28,12 @@ includes the batch axis, so the batch size must not change between steps.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from taskbalance.engine.requirement import Level, Requirement
+from taskbalance.methods._coordinate_state import CoordinateState
 from taskbalance.methods.base import Method
 from taskbalance.methods.registry import register
 
@@ -41,7 +41,7 @@ _EPS = 1e-7
 
 
 @register
-class ExcessMTL(Method):
+class ExcessMTL(CoordinateState, Method):
     """ExcessMTL: exponentiated-gradient task weights driven by excess-risk estimates.
 
     Args:
@@ -61,6 +61,7 @@ class ExcessMTL(Method):
     levels = ("feature", "parameter")
     default_level = "parameter"
     stateful = True
+    coordinate_buffer = "squares"
 
     def __init__(
         self,
@@ -84,28 +85,13 @@ class ExcessMTL(Method):
         self.register_buffer("warmup_sum", torch.zeros(num, dtype=torch.float64))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        # The accumulator's width is only known after the first step: adopt the saved one.
-        key = prefix + "squares"
-        if key in state_dict:
-            self.squares = torch.empty_like(state_dict[key], device=self.squares.device)
-        super()._load_from_state_dict(state_dict, prefix, *args)
-
     def aggregate(self, losses: Tensor, jacobian: Tensor) -> Tensor:
         """Update the excess-risk estimates and the weights; return ``sum_t w_t g_t``."""
         # Elementwise work stays in the Jacobian's dtype: a float64 copy of a T x n matrix
         # measured ~100x a plain step at T = 32 (benchmarks/step_time.py); only the T-vector
         # of excess risks is handled in float64.
         g = jacobian.detach()
-        if self.squares.shape[1] == 0:
-            self.squares = g.new_zeros(g.shape)
-        elif self.squares.shape != g.shape:
-            raise ValueError(
-                f"ExcessMTL accumulates per-coordinate statistics of width "
-                f"{self.squares.shape[1]}, got gradients of width {g.shape[1]}; at feature "
-                "level the batch size must stay fixed (e.g. drop_last=True), or use "
-                "level='parameter'"
-            )
+        self.coordinate_state(g, lambda g: g.new_zeros(g.shape))
         squared = g.square()
         self.squares += squared
         excess = (squared / (self.squares + _EPS).sqrt()).sum(dim=1).to(torch.float64)

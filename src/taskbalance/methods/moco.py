@@ -26,12 +26,12 @@ feature level the batch size must stay fixed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from taskbalance.engine.requirement import Level, Requirement
+from taskbalance.methods._coordinate_state import CoordinateState
 from taskbalance.methods._simplex import project_simplex
 from taskbalance.methods.base import Method
 from taskbalance.methods.registry import register
@@ -61,7 +61,7 @@ def moco_step(
 
 
 @register
-class MoCo(Method):
+class MoCo(CoordinateState, Method):
     """MoCo: MGDA weights by projected gradient steps on tracked task gradients.
 
     Args:
@@ -82,6 +82,7 @@ class MoCo(Method):
     levels = ("feature", "parameter")
     default_level = "parameter"
     stateful = True
+    coordinate_buffer = "tracked"
 
     def __init__(
         self,
@@ -108,13 +109,6 @@ class MoCo(Method):
         self.register_buffer("tracked", torch.zeros(num, 0, dtype=torch.float64))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        # The tracked gradients' width is only known after the first step: adopt the saved one.
-        key = prefix + "tracked"
-        if key in state_dict:
-            self.tracked = torch.empty_like(state_dict[key], device=self.tracked.device)
-        super()._load_from_state_dict(state_dict, prefix, *args)
-
     def aggregate(self, losses: Tensor, jacobian: Tensor) -> Tensor:
         """One MoCo step (see :func:`moco_step`); returns the update ``Y^T l``."""
         g = jacobian.detach()
@@ -122,14 +116,7 @@ class MoCo(Method):
             norms = g.norm(dim=1, keepdim=True)
             scale = losses.detach().to(g)[:, None] / norms.clamp_min(1e-300)
             g = torch.where(norms > 0, g * scale, 0.0)
-        if self.tracked.shape[1] == 0:
-            self.tracked = g.clone()
-        elif self.tracked.shape != g.shape:
-            raise ValueError(
-                f"MoCo tracks gradients of width {self.tracked.shape[1]}, got width "
-                f"{g.shape[1]}; at feature level the batch size must stay fixed (e.g. "
-                "drop_last=True), or use level='parameter'"
-            )
+        self.coordinate_state(g, lambda g: g.clone())
         self.step += 1
         k = float(self.step)
         tracked, weights, update = moco_step(

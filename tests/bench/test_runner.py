@@ -260,3 +260,10 @@ def test_float64_runs_train_and_evaluate_in_float64():
     runner = Runner(synthetic(), config("imtl_g", epochs=1), progress=False, dtype=torch.float64)
     assert all(p.dtype == torch.float64 for p in runner.model.parameters())
     assert runner.run().status == "ok"
+
+
+def test_famo_gets_the_losses_after_each_step_and_adapts(recwarn):
+    runner = Runner(synthetic(), config("famo", epochs=1), progress=False)
+    runner.run()
+    assert not [w for w in recwarn if "update(new_losses) was not called" in str(w.message)]
+    assert runner.method.logits.abs().max() > 0  # the logits moved: FAMO adapted its weights

@@ -498,6 +498,11 @@ class Runner:
             for t in self.tasks
         }
 
+    def _scaled(self, raw: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The losses the method sees: ``--loss-scale`` applied."""
+        return {t: raw[t] * self.scale[t] if self.scale.get(t, 1.0) != 1.0 else raw[t]
+                for t in self.tasks}  # fmt: skip
+
     def step(
         self, x: Tensor, x_cat: Tensor | None, y: Mapping[str, Tensor]
     ) -> tuple[dict[str, Tensor], StepInfo]:
@@ -508,8 +513,7 @@ class Runner:
         """
         z, outputs = self.forward(x, x_cat)
         raw = self._losses(outputs, y)
-        losses = {t: raw[t] * self.scale[t] if self.scale.get(t, 1.0) != 1.0 else raw[t]
-                  for t in self.tasks}  # fmt: skip
+        losses = self._scaled(raw)
         self.optimizer.zero_grad(set_to_none=True)
         if self.adatask:
             info = self.optimizer.backward(losses, method=self.method)  # type: ignore[attr-defined]
@@ -518,6 +522,14 @@ class Runner:
                 losses, shared=self.model.trunk, features=self.model.features(z)
             )
         self.optimizer.step()
+        if self.method.wants_new_losses:
+            # FAMO learns from how much each loss fell: the same batch, after the step, as
+            # the paper's code does (one extra forward, no backward); averaged over the ranks
+            # so that every rank's method state stays the same.
+            with torch.no_grad():
+                _, after = self.forward(x, x_cat)
+                new = torch.stack(list(self._scaled(self._losses(after, y)).values()))
+            self.method.update(mean_over_ranks(new.double(), self.world).to(new.dtype))
         return {t: v.detach() for t, v in raw.items()}, info
 
     def train_epoch(self) -> dict[str, Any] | None:

@@ -131,6 +131,17 @@ class Method(nn.Module):
         """A task's name for messages."""
         return self._task_names[index] if self._task_names is not None else str(index)
 
+    @property
+    def wants_new_losses(self) -> bool:
+        """Whether the method learns from the losses re-evaluated after the optimizer's step
+        (FAMO): a training loop then calls ``method.update(new_losses)`` after each step.
+
+        >>> from taskbalance import EW
+        >>> EW().wants_new_losses
+        False
+        """
+        return False
+
     def require_positive(self, losses: Tensor, why: str) -> None:
         """Raise :class:`InvalidLossError` naming every task whose loss is ``<= 0``.
 

@@ -144,6 +144,11 @@ class FAMO(Method):
         self._warned = False
 
     @property
+    def wants_new_losses(self) -> bool:
+        """True with ``update="manual"``: call :meth:`update` after each optimizer step."""
+        return self.update_rule == "manual"
+
+    @property
     def weights(self) -> Tensor:
         """The task weights ``z = softmax(xi)``."""
         return torch.softmax(self.logits, dim=0)

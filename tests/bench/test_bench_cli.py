@@ -50,11 +50,22 @@ def test_defaults_are_the_quick_protocol():
     assert {"ew", "imtl", "imtl_g", "imtl_l", "emtl", "adatask"} <= {m.name for m in config.methods}
 
 
-def test_full_means_three_seeds_more_epochs_the_grid_and_every_row_unless_overridden():
+def test_full_means_every_method_three_seeds_more_epochs_and_the_grid_on_seed_0():
     config = parse("--full")
-    assert config.seeds == [0, 1, 2] and config.epochs == FULL["epochs"]
-    assert config.lrs == list(FULL["lr_grid"]) and config.train_size is None
-    assert parse("--full", "--epochs", "3", "--seeds", "2").epochs == 3
+    assert config.seeds == [0, 1, 2] and config.epochs == FULL["epochs"] > QUICK["epochs"]
+    assert config.lrs == list(FULL["lr_grid"]) and config.grid_seeds == 1
+    assert config.train_size == FULL["train_size"] and config.selection == "delta_m"
+    assert [m.name for m in config.methods] == [m.name for m in benchmark.all_methods()]
+    assert {"moco", "upgrad", "stch", "excess_mtl"} <= {m.name for m in config.methods}
+    overridden = parse("--full", "--epochs", "3", "--seeds", "2", "--grid-seeds", "2")
+    assert (overridden.epochs, overridden.seeds, overridden.grid_seeds) == (3, [0, 1], 2)
+    assert [m.name for m in parse("--full", "--methods", "ew").methods] == ["ew"]
+
+
+def test_selection_is_delta_m_by_default_and_loss_on_request(capsys):
+    assert parse().selection == "delta_m" and parse().grid_seeds is None
+    assert parse("--select", "loss").selection == "loss"
+    assert "invalid choice: 'auc'" in error_of(capsys, "--select", "auc")
 
 
 def test_grid_options_and_method_hyperparameters_reach_the_config():

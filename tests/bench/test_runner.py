@@ -145,6 +145,32 @@ def test_the_selected_epoch_minimises_the_mean_validation_loss_and_is_what_test_
     assert test_metrics == result.test_metrics
 
 
+def test_with_a_reference_the_selected_epoch_minimises_the_validation_delta_m():
+    data = synthetic()
+    reference = {"small": 0.2, "large": 1.5, "flag": 0.8}
+    result = Runner(data, config("ew", epochs=6, reference=reference), progress=False).run()
+    # Delta m recomputed by hand from each epoch's validation metrics (AUC: higher is better).
+    by_hand = [
+        100
+        / 3
+        * sum(
+            (h["val_metric"][t] - reference[t]) / reference[t] * (-1 if t == "flag" else 1)
+            for t in reference
+        )
+        for h in result.history
+    ]
+    assert [h["criterion"] for h in result.history] == pytest.approx(by_hand, rel=1e-12)
+    assert result.best_epoch == 1 + by_hand.index(min(by_hand))
+    losses = [sum(h["val_loss"].values()) / 3 for h in result.history]
+    assert by_hand != pytest.approx(losses)  # the criterion is not the loss under another name
+
+
+def test_a_reference_that_misses_a_task_is_refused_with_the_tasks_named():
+    expected = r"per task \['small', 'large', 'flag'\], got \['large', 'small'\]"
+    with pytest.raises(ValueError, match=expected):
+        Runner(synthetic(), config(reference={"small": 1.0, "large": 1.0}), progress=False)
+
+
 def test_loss_scale_multiplies_one_task_for_the_method_only():
     data = synthetic()
     scaled = Runner(data, config("ew", loss_scale={"small": 10.0}), progress=False).run()

@@ -1,12 +1,19 @@
 """A whole benchmark: single-task baselines and every method, over seeds and a learning-rate grid.
 
-:func:`run_benchmark` loads the dataset once, then for every learning rate of the grid and every
-seed trains the single-task baselines (one model per task) and each method
-(:class:`taskbalance.bench.runner.Runner`), with the same epochs, batch size, weight decay and
-architecture for all. Then, for each method (and for each task's single-task baseline) it keeps
-the learning rate with the lowest validation criterion averaged over seeds; the table reports the
-test metrics of those runs only. Checkpoints live in ``<out>/checkpoints/``; with ``resume``,
-finished runs are read back and interrupted ones continue.
+:func:`run_benchmark` loads the dataset once and trains (:class:`taskbalance.bench.runner.Runner`)
+with the same epochs, batch size, weight decay and architecture for all, in two stages:
+
+1. the single-task baselines (one model per task): every learning rate of the grid on the grid
+   seeds (``grid_seeds``: the first seeds, or all); per task, the rate with the lowest validation
+   criterion averaged over those seeds is kept, and the remaining seeds train at that rate only;
+2. each method, the same way. With ``selection="delta_m"`` every method run selects its epoch by
+   the validation Delta m % against the selected baselines of its seed (their validation
+   metrics at their selected epochs), so epochs and rates are chosen on the quantity the table
+   reports; with ``"loss"``, by the mean validation loss.
+
+The table reports the test metrics of the selected runs only. Checkpoints live in
+``<out>/checkpoints/``; with ``resume``, finished runs are read back and interrupted ones
+continue.
 
 Fixed choices (documented in docs/benchmarks.md): the data split uses ``data_seed`` (0) for
 every seed, so seeds vary the initialisation, the mini-batch order and the methods' own
@@ -26,7 +33,7 @@ import platform
 import re
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +64,22 @@ def default_methods() -> list[MethodSpec]:
     """:data:`DEFAULT_METHODS` that are available now, as specs."""
     valid = set(available_methods())
     return [MethodSpec(m) for m in DEFAULT_METHODS if m in valid]
+
+
+#: The epoch-selection rules of :attr:`BenchConfig.selection`.
+SELECTIONS: tuple[str, ...] = ("delta_m", "loss")
+
+
+def all_methods() -> list[MethodSpec]:
+    """Every available method as a spec (the full protocol's list): :data:`DEFAULT_METHODS`
+    first, then the rest of the registry in alphabetical order.
+
+    >>> [m.name for m in all_methods()][:3], len(all_methods()) == len(available_methods())
+    (['ew', 'imtl_l', 'imtl_g'], True)
+    """
+    valid = available_methods()
+    first = [m for m in DEFAULT_METHODS if m in valid]
+    return [MethodSpec(m) for m in [*first, *sorted(set(valid) - set(first))]]
 
 
 @dataclass
@@ -90,6 +113,19 @@ class BenchConfig:
     record_every: int = 20
     """Sample the diagnostics (weights, ``r_t`` spread, AU shares) every this many steps; 0:
     off."""
+    selection: str = "delta_m"
+    """How each run picks its epoch: ``"delta_m"`` (the validation Delta m % against the
+    single-task baselines of the same seed; the mean validation loss when there are none) or
+    ``"loss"`` (the mean unscaled validation loss)."""
+    grid_seeds: int | None = None
+    """Run the learning-rate grid on the first this many seeds only and train the other seeds
+    at each method's chosen rate (``None``: the grid on every seed)."""
+
+    def __post_init__(self) -> None:
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.grid_seeds is not None and self.grid_seeds < 1:
+            raise ValueError(f"grid_seeds must be at least 1, got {self.grid_seeds}")
 
 
 @dataclass
@@ -123,9 +159,8 @@ def _file_label(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", label)
 
 
-def plan(config: BenchConfig, data: MultiTaskData) -> list[RunConfig]:
-    """Every run of the benchmark, in order: per lr, per seed, single-task runs then methods."""
-    common = {
+def _common(config: BenchConfig) -> dict[str, Any]:
+    return {
         "arch": config.arch,
         "model_options": dict(config.model_options),
         "epochs": config.epochs,
@@ -134,25 +169,73 @@ def plan(config: BenchConfig, data: MultiTaskData) -> list[RunConfig]:
         "device": config.device,
         "regression_loss": config.regression_loss,
     }
+
+
+def baseline_plan(
+    config: BenchConfig,
+    data: MultiTaskData,
+    seeds: Sequence[int],
+    lrs: Callable[[str], Sequence[float]],
+) -> list[RunConfig]:
+    """The single-task runs for ``seeds``, per lr (``lrs(label)``), per seed, per task."""
     runs = []
-    for lr in config.lrs:
-        for seed in config.seeds:
-            if config.single_task:
-                for task in data.task_names:
-                    runs.append(RunConfig(tasks=(task,), lr=lr, seed=seed, **common))
-            for spec in config.methods:
+    for task in data.task_names:
+        for lr in lrs(f"stl:{task}"):
+            for seed in seeds:
+                runs.append(RunConfig(tasks=(task,), lr=lr, seed=seed, **_common(config)))
+    return sorted(runs, key=lambda r: (config.lrs.index(r.lr), r.seed))
+
+
+def method_plan(
+    config: BenchConfig,
+    seeds: Sequence[int],
+    lrs: Callable[[str], Sequence[float]],
+    references: Mapping[int, dict[str, float] | None],
+) -> list[RunConfig]:
+    """The method runs for ``seeds``, per lr (``lrs(label)``), per seed, in method order; each
+    seed's runs select their epochs against ``references[seed]`` (see
+    :attr:`RunConfig.reference`)."""
+    runs = []
+    for spec in config.methods:
+        for lr in lrs(spec.label):
+            for seed in seeds:
                 runs.append(
                     RunConfig(
-                        method=spec, lr=lr, seed=seed, loss_scale=dict(config.loss_scale), **common
+                        method=spec,
+                        lr=lr,
+                        seed=seed,
+                        loss_scale=dict(config.loss_scale),
+                        reference=references.get(seed),
+                        **_common(config),
                     )
                 )
-    return runs
+    return sorted(runs, key=lambda r: (config.lrs.index(r.lr), r.seed))
 
 
-def select(runs: Sequence[RunResult]) -> list[RunResult]:
-    """Per label, the runs at the learning rate whose validation criterion (the selected epoch's
-    mean validation loss), averaged over seeds, is lowest. Validation only: test values are
-    never read. A diverged run counts as +inf.
+def choose_lrs(runs: Sequence[RunResult], seeds: Sequence[int] | None = None) -> dict[str, float]:
+    """Per label, the learning rate whose validation criterion (at the selected epoch),
+    averaged over the runs of ``seeds`` (default: every run), is lowest. Validation only: test
+    values are never read. A diverged run counts as +inf.
+
+    >>> def r(label, lr, crit, seed=0):
+    ...     h = [{"criterion": crit, "epoch": 1}]
+    ...     return RunResult({"lr": lr, "seed": seed}, label, [], h, 1, {}, {}, {}, 1.0, "ok",
+    ...                      None, 0)
+    >>> choose_lrs([r("ew", 1e-3, 0.5), r("ew", 1e-2, 0.4), r("ew", 1e-3, 0.1, seed=1)], [0])
+    {'ew': 0.01}
+    """
+    by_label: dict[str, dict[float, list[RunResult]]] = {}
+    for run in runs:
+        if seeds is None or run.config["seed"] in seeds:
+            by_label.setdefault(run.label, {}).setdefault(run.config["lr"], []).append(run)
+    return {
+        label: min(grid, key=lambda lr: statistics.fmean(_criterion(r) for r in grid[lr]))
+        for label, grid in by_label.items()
+    }
+
+
+def select(runs: Sequence[RunResult], seeds: Sequence[int] | None = None) -> list[RunResult]:
+    """Per label, every run at the learning rate :func:`choose_lrs` picks on ``seeds``.
 
     >>> def r(label, lr, crit):
     ...     h = [{"criterion": crit, "epoch": 1}]
@@ -160,14 +243,21 @@ def select(runs: Sequence[RunResult]) -> list[RunResult]:
     >>> [x.config["lr"] for x in select([r("ew", 1e-3, 0.5), r("ew", 1e-2, 0.4)])]
     [0.01]
     """
-    by_label: dict[str, dict[float, list[RunResult]]] = {}
-    for run in runs:
-        by_label.setdefault(run.label, {}).setdefault(run.config["lr"], []).append(run)
-    chosen: list[RunResult] = []
-    for grid in by_label.values():
-        best = min(grid, key=lambda lr: statistics.fmean(_criterion(r) for r in grid[lr]))
-        chosen.extend(grid[best])
-    return chosen
+    chosen = choose_lrs(runs, seeds)
+    return [run for run in runs if run.config["lr"] == chosen[run.label]]
+
+
+def references(baselines: Sequence[RunResult]) -> dict[int, dict[str, float] | None]:
+    """Per seed, the selected single-task runs' validation metrics ``{task: value}``: the
+    reference of the methods' validation Delta m. ``None`` for a seed where a baseline has no
+    selected epoch (it diverged): that seed's methods fall back to the mean validation loss."""
+    out: dict[int, dict[str, float] | None] = {}
+    for run in baselines:
+        seed = run.config["seed"]
+        if seed in out and out[seed] is None:
+            continue
+        out[seed] = None if not run.val_metrics else {**(out.get(seed) or {}), **run.val_metrics}
+    return out
 
 
 def _fields(stored: dict[str, Any]) -> dict[str, Any]:
@@ -213,7 +303,11 @@ def run_benchmark(
         data = load_bench_data(config)
     echo(f"{data.name}: {len(data.train)} / {len(data.val)} / {len(data.test)} train / val / "
          f"test, tasks {', '.join(data.task_names)}")  # fmt: skip
-    configs = plan(config, data)
+    grid_seeds = config.seeds[: config.grid_seeds or len(config.seeds)]
+    later_seeds = config.seeds[len(grid_seeds) :]
+    n_lrs = len(config.lrs)
+    per_label = n_lrs * len(grid_seeds) + len(later_seeds)
+    n_labels = len(config.methods) + (len(data.task_names) if config.single_task else 0)
     log_path = out / "train.log"
     results: list[RunResult] = []
     opened = (
@@ -226,7 +320,7 @@ def run_benchmark(
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(configs), desc="runs", unit="run", dynamic_ncols=True)
+            bar = tqdm(total=n_labels * per_label, desc="runs", unit="run", dynamic_ncols=True)
 
         def log(line: str) -> None:
             if log_file is None:
@@ -236,7 +330,8 @@ def run_benchmark(
             if verbose:
                 (bar.write if bar is not None else echo)(line)
 
-        try:
+        def execute(configs: Sequence[RunConfig]) -> list[RunResult]:
+            done = []
             for run_config in configs:
                 name = f"{_file_label(run_config.label)}-lr{run_config.lr:g}-seed{run_config.seed}"
                 if bar is not None:
@@ -247,18 +342,35 @@ def run_benchmark(
                     record_every=config.record_every,
                 )  # fmt: skip
                 result = runner.run()
-                results.append(result)
-                summary = (
-                    f"{name}: best epoch {result.best_epoch}, {result.step_ms:.2f} ms/step, "
-                    f"{result.status}"
-                )
-                log(summary)
+                done.append(result)
+                log(f"{name}: best epoch {result.best_epoch}, {result.step_ms:.2f} ms/step, "
+                    f"{result.status}")  # fmt: skip
                 if bar is not None:
                     bar.update(1)
+            return done
+
+        def grid_then_chosen(
+            make: Callable[[Sequence[int], Callable[[str], Sequence[float]]], list[RunConfig]],
+        ) -> list[RunResult]:
+            # The grid on the grid seeds; the other seeds at each label's chosen rate.
+            runs = execute(make(grid_seeds, lambda _label: config.lrs))
+            if later_seeds:
+                chosen = choose_lrs(runs)
+                runs += execute(make(later_seeds, lambda label: [chosen[label]]))
+            return runs
+
+        try:
+            baselines: list[RunResult] = []
+            if config.single_task:
+                baselines = grid_then_chosen(lambda s, lrs: baseline_plan(config, data, s, lrs))
+            refs = references(select(baselines, grid_seeds))
+            if config.selection == "loss":
+                refs = {}
+            results = baselines + grid_then_chosen(lambda s, lrs: method_plan(config, s, lrs, refs))
         finally:
             if bar is not None:
                 bar.close()
-    selected = select(results)
+    selected = select(results, grid_seeds)
     timing: dict[str, float] = {}
     timed_note = "step times: medians of each run's own training steps (no interleaved timing)"
     if config.timing_rounds > 0 and config.timing_steps > 0:
@@ -287,7 +399,14 @@ def run_benchmark(
         f"wall time {seconds:.0f} s on {machine}",
         f"{len(config.seeds)} seed(s) {config.seeds}; epochs {config.epochs}; batch "
         f"{config.batch_size}; weight decay {config.weight_decay:g}; learning-rate grid "
-        f"{config.lrs} (chosen per method on validation)",
+        f"{config.lrs} on seed(s) {grid_seeds}, chosen per method on validation",
+        "selection (epoch and lr): "
+        + (
+            "validation Delta m % against the same seed's single-task baselines (which select "
+            "by their validation loss)"
+            if config.selection == "delta_m" and config.single_task
+            else "mean validation loss over tasks"
+        ),
         f"architecture {config.arch} {config.model_options or ''}; regression loss "
         f"{config.regression_loss}; loss scale {config.loss_scale or 'none'}",
         timed_note,

@@ -16,12 +16,12 @@ Protocol of one run (:class:`Runner`):
 * Stochastic methods (those with a ``seed`` hyperparameter) get ``seed=config.seed`` unless given.
 * Mini-batches: a fresh permutation of the training split per epoch from a generator seeded with
   ``config.seed``; the last partial batch is kept.
-* Selection: after each epoch, the mean over tasks of the UNSCALED validation losses; the epoch
-  with the lowest value is the selected one and its model state is kept. Test metrics are
-  computed once, at the end, on that state: the test split never influences anything. (Mean
-  validation loss rather than validation Delta m: it needs no single-task baseline, so
-  single-task runs and methods are selected by the same rule, and with standardised targets the
-  terms are unit-free.)
+* Selection: after each epoch, a validation criterion; the epoch with the lowest value is the
+  selected one and its model state is kept. With ``config.reference`` (the single-task
+  baselines' validation metrics of the same seed) the criterion is the validation Delta m %
+  against them, the quantity the table reports; without it (single-task runs, or no
+  baselines) the mean over tasks of the UNSCALED validation losses. Test metrics are computed
+  once, at the end, on that state: the test split never influences anything.
 * Time per step: wall time of forward + losses + method backward + optimizer step, per step; the
   median over the run is reported (robust to a shared, noisy machine).
 * Divergence: a NaN or infinite training or validation loss stops the run; it is reported as
@@ -62,7 +62,13 @@ from torch import Tensor, nn
 
 from taskbalance.apply import StepInfo
 from taskbalance.bench.data.types import MultiTaskData, Split
-from taskbalance.bench.metrics import RegressionLoss, task_loss, task_metric
+from taskbalance.bench.metrics import (
+    HIGHER_IS_BETTER,
+    RegressionLoss,
+    delta_m,
+    task_loss,
+    task_metric,
+)
 from taskbalance.bench.models import MultiTaskModel, Representation, build_model
 from taskbalance.bench.parallel import World, broadcast, current_world, mean_over_ranks, shard
 from taskbalance.engine.requirement import Requirement
@@ -197,6 +203,9 @@ class RunConfig:
     device: str = "cpu"
     loss_scale: dict[str, float] = field(default_factory=dict)
     regression_loss: RegressionLoss = "mse"
+    reference: dict[str, float] | None = None
+    """Validation metrics of the single-task baselines (same seed), per task: when given, epochs
+    are selected by the validation Delta m % against them, else by the mean validation loss."""
 
     @property
     def label(self) -> str:
@@ -222,7 +231,8 @@ class RunResult:
         label: the method label (``stl:<task>`` for a single-task baseline).
         tasks: the tasks trained.
         history: one dict per epoch: ``epoch``, ``train_loss``/``val_loss``/``val_metric``
-            (per task), ``criterion`` (mean unscaled validation loss), ``weights`` (mean task
+            (per task), ``criterion`` (the selection criterion: validation Delta m % or mean
+            unscaled validation loss, see :attr:`RunConfig.reference`), ``weights`` (mean task
             weights of the epoch), ``step_ms`` (median step time of the epoch).
         best_epoch: the selected epoch (1-based; 0 if none).
         val_metrics, test_metrics, test_losses: per task, at the selected epoch.
@@ -391,6 +401,11 @@ class Runner:
         if unknown:
             raise ValueError(
                 f"loss_scale names unknown task(s) {unknown}; tasks: {', '.join(data.task_names)}"
+            )
+        if config.reference is not None and set(config.reference) != set(self.tasks):
+            raise ValueError(
+                f"reference must give one validation metric per task {list(self.tasks)}, "
+                f"got {sorted(config.reference)}"
             )
         self.scale = (
             {}
@@ -646,7 +661,7 @@ class Runner:
             self._save()
             return
         self.epoch += 1
-        criterion = sum(val_losses.values()) / len(val_losses)
+        criterion = self._criterion(val_losses, val_metrics)
         record = {"epoch": self.epoch, **record, "val_loss": val_losses,
                   "val_metric": val_metrics, "criterion": criterion}  # fmt: skip
         self.history.append(record)
@@ -669,6 +684,14 @@ class Runner:
             bar.set_postfix_str(f"val {criterion:.4f} best@{self.best['epoch']}")
             bar.update(1)
         self._save()
+
+    def _criterion(self, losses: Mapping[str, float], metrics: Mapping[str, float]) -> float:
+        """The selection criterion (lower is better): validation Delta m or mean loss."""
+        reference = self.config.reference
+        if reference is None:
+            return _mean(losses)
+        higher = {t: HIGHER_IS_BETTER[self.specs[t].metric] for t in self.tasks}
+        return delta_m(metrics, reference, higher)
 
     def _finish(self) -> RunResult:
         test_metrics: dict[str, float] = {}

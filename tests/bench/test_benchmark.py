@@ -1,0 +1,91 @@
+"""The benchmark's plan: the lr grid on the grid seeds, the chosen rate on the others, and
+method epochs selected by validation Delta m against the same seed's single-task baselines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from taskbalance.bench.benchmark import BenchConfig, references, run_benchmark
+from taskbalance.bench.data.types import MultiTaskData, Split, TaskSpec
+from taskbalance.bench.runner import MethodSpec, RunResult
+
+LRS = [3e-2, 1e-3]
+
+
+def tiny() -> MultiTaskData:
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        x = torch.randn(n, 4, generator=g)
+        return Split(x, {"a": x[:, 0], "b": 5 * x[:, 1] + x[:, 2]})
+
+    tasks = tuple(TaskSpec(t, "regression", 1, "mae", False) for t in "ab")
+    return MultiTaskData("tiny", tasks, split(48), split(24), split(24), "synthetic", "none")
+
+
+def bench(tmp_path, **kw):
+    config = BenchConfig(
+        dataset="tiny", methods=[MethodSpec("ew"), MethodSpec("imtl")], epochs=2, batch_size=16,
+        seeds=[0, 1, 2], lrs=LRS, model_options={"hidden": 8}, out_dir=str(tmp_path),
+        timing_rounds=0, record_every=0, **kw,
+    )  # fmt: skip
+    return run_benchmark(config, data=tiny(), progress=False, echo=lambda _line: None)
+
+
+def key(run: RunResult) -> tuple[str, float, int]:
+    return run.label, run.config["lr"], run.config["seed"]
+
+
+def test_the_grid_runs_on_the_grid_seeds_and_the_others_train_at_the_chosen_rate(tmp_path):
+    result = bench(tmp_path, grid_seeds=1)
+    labels = ["stl:a", "stl:b", "ew", "imtl"]
+    grid = {key(r) for r in result.runs if r.config["seed"] == 0}
+    assert grid == {(label, lr, 0) for label in labels for lr in LRS}
+    for label in labels:
+        at_seed_0 = {r.config["lr"]: r for r in result.runs if key(r)[0::2] == (label, 0)}
+        criterion = {lr: r.history[r.best_epoch - 1]["criterion"] for lr, r in at_seed_0.items()}
+        best = min(LRS, key=criterion.__getitem__)
+        later = [r.config["lr"] for r in result.runs if r.label == label and r.config["seed"] > 0]
+        assert later == [best, best]
+        assert sorted(key(r)[1:] for r in result.selected if r.label == label) == [
+            (best, 0), (best, 1), (best, 2)
+        ]  # fmt: skip
+    assert len(result.runs) == 4 * (len(LRS) + 2)
+
+
+def test_methods_select_against_the_selected_baselines_of_their_own_seed(tmp_path):
+    result = bench(tmp_path, grid_seeds=1)
+    baselines = {key(r)[0::2]: r for r in result.selected if r.label.startswith("stl:")}
+    for run in result.runs:
+        if run.label.startswith("stl:"):
+            assert run.config["reference"] is None
+            continue
+        seed = run.config["seed"]
+        expected = {t: baselines[(f"stl:{t}", seed)].val_metrics[t] for t in "ab"}
+        assert run.config["reference"] == expected
+    seeds = {r.config["seed"] for r in result.runs if r.config["reference"] is not None}
+    assert seeds == {0, 1, 2}
+
+
+def test_loss_selection_and_no_baselines_give_methods_no_reference(tmp_path):
+    for options in ({"selection": "loss"}, {"single_task": False}):
+        result = bench(tmp_path / str(len(options)) / next(iter(options)), **options)
+        assert all(r.config["reference"] is None for r in result.runs)
+
+
+def test_a_diverged_baseline_leaves_its_seed_without_a_reference():
+    def run(task, seed, val):
+        return RunResult({"seed": seed, "lr": 1e-3}, f"stl:{task}", [task], [], 1 if val else 0,
+                         val, {}, {}, 1.0, "ok" if val else "diverged", None, 0.0)  # fmt: skip
+
+    refs = references([run("a", 0, {"a": 1.0}), run("b", 0, {"b": 2.0}), run("a", 1, {}),
+                       run("b", 1, {"b": 3.0})])  # fmt: skip
+    assert refs == {0: {"a": 1.0, "b": 2.0}, 1: None}
+
+
+def test_bad_selection_and_grid_seeds_are_refused():
+    with pytest.raises(ValueError, match=r"selection must be one of \('delta_m', 'loss'\)"):
+        BenchConfig(selection="auc")
+    with pytest.raises(ValueError, match="grid_seeds must be at least 1"):
+        BenchConfig(grid_seeds=0)

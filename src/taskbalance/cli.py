@@ -490,6 +490,16 @@ def _datasets(args: argparse.Namespace) -> None:
         print(f"{row[0].ljust(widths[0])}  {row[1].ljust(widths[1])}  {row[2]}")
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from taskbalance.bench.compare import compare_delta_m, load_rows
+
+    try:
+        base, other = load_rows(args.base), load_rows(args.other)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"taskbalance compare: {error}") from None
+    print(compare_delta_m(base, other, args.names))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``taskbalance`` command."""
     parser = argparse.ArgumentParser(
@@ -504,6 +514,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     datasets.add_argument("--cache-dir", default=None, metavar="DIR", help="the cache to look in")
     datasets.set_defaults(run=_datasets)
+    compare = commands.add_parser(
+        "compare",
+        help="Delta m of two benchmark runs side by side (e.g. the x10 loss-scale experiment)",
+        description="Print a Markdown table of each method's Delta m % in two 'taskbalance "
+        "bench' results (a results.json or its folder), the change of the mean, and whether "
+        "it exceeds the two runs' spreads over seeds.",
+    )
+    compare.add_argument("base", help="the reference run (results.json or its folder)")
+    compare.add_argument("other", help="the run to compare (results.json or its folder)")
+    compare.add_argument(
+        "--names",
+        nargs=2,
+        default=("as is", "other"),
+        metavar=("BASE", "OTHER"),
+        help="column names of the two runs (default: 'as is' 'other')",
+    )
+    compare.set_defaults(run=_compare)
     quick = commands.add_parser(
         "quickstart",
         help="train a small multi-task model on real data (Linnerud) and print losses, weights",

@@ -52,6 +52,7 @@ def test_the_grid_runs_on_the_grid_seeds_and_the_others_train_at_the_chosen_rate
             (best, 0), (best, 1), (best, 2)
         ]  # fmt: skip
     assert len(result.runs) == 4 * (len(LRS) + 2)
+    assert [row.label for row in result.rows] == ["single-task", "ew", "imtl"]
 
 
 def test_methods_select_against_the_selected_baselines_of_their_own_seed(tmp_path):

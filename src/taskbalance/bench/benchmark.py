@@ -247,6 +247,23 @@ def select(runs: Sequence[RunResult], seeds: Sequence[int] | None = None) -> lis
     return [run for run in runs if run.config["lr"] == chosen[run.label]]
 
 
+def in_table_order(runs: Sequence[RunResult], methods: Sequence[MethodSpec]) -> list[RunResult]:
+    """``runs`` ordered as the table lists them: single-task baselines first, then the methods
+    in the order given (not the order they ran in, which follows the chosen learning rates),
+    each by seed.
+
+    >>> def r(label, seed):
+    ...     return RunResult({"lr": 1e-3, "seed": seed}, label, [], [], 1, {}, {}, {}, 1.0, "ok",
+    ...                      None, 0)
+    >>> runs = [r("imtl", 0), r("ew", 1), r("stl:a", 0), r("ew", 0)]
+    >>> [(x.label, x.config["seed"]) for x in in_table_order(runs, [MethodSpec("ew"),
+    ...                                                              MethodSpec("imtl")])]
+    [('stl:a', 0), ('ew', 0), ('ew', 1), ('imtl', 0)]
+    """
+    rank = {spec.label: i for i, spec in enumerate(methods)}
+    return sorted(runs, key=lambda r: (rank.get(r.label, -1), r.config["seed"]))
+
+
 def references(baselines: Sequence[RunResult]) -> dict[int, dict[str, float] | None]:
     """Per seed, the selected single-task runs' validation metrics ``{task: value}``: the
     reference of the methods' validation Delta m. ``None`` for a seed where a baseline has no
@@ -370,7 +387,7 @@ def run_benchmark(
         finally:
             if bar is not None:
                 bar.close()
-    selected = select(results, grid_seeds)
+    selected = in_table_order(select(results, grid_seeds), config.methods)
     timing: dict[str, float] = {}
     timed_note = "step times: medians of each run's own training steps (no interleaved timing)"
     if config.timing_rounds > 0 and config.timing_steps > 0:

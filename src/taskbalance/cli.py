@@ -46,7 +46,7 @@ TUNE_GRID: tuple[float, ...] = (3e-3, 1e-3, 3e-4)
 #: The default (quick) protocol: fits in 15 minutes on 2 CPU cores (see docs/benchmarks.md).
 QUICK = {"dataset": "qm9", "train_size": 20_000, "epochs": 12, "seeds": 1, "lr": 1e-3}
 #: The full protocol (--full): every method, 3 seeds, more epochs, the lr grid run on the first
-#: seed. Sized for a 2-core CPU (about 1 to 2 hours per data set, docs/results.md): 20,000
+#: seed. Sized for a 2-core CPU (measured: 28 min to 1.6 h per data set, docs/results.md): 20,000
 #: training rows of every data set; a larger machine raises --train-size and --epochs. The grid
 #: is 3e-3, 1e-3 because a QM9 --tune run saw every method pick 3e-3 over 1e-3 and 3e-4.
 FULL = {"train_size": 20_000, "epochs": 15, "seeds": 3, "lr_grid": (3e-3, 1e-3), "grid_seeds": 1}
@@ -63,8 +63,9 @@ defaults: with no arguments, QM9 (11 regression targets with very different diff
   lr 1e-3 fixed (no grid: a grid would multiply the ~10-minute budget), the single-task baselines
   and every default method available. --full: every method in the registry, 20,000 training
   rows, 15 epochs, 3 seeds, the lr grid 3e-3, 1e-3 run on seed 0 (each method and baseline
-  keeps its best rate for seeds 1 and 2): 1 to 2 hours per data set on 2 CPU cores. --tune: the
-  lr grid 3e-3, 1e-3, 3e-4 for every method and baseline, chosen per method on validation.
+  keeps its best rate for seeds 1 and 2): 0.5 to 1.6 hours per data set on 2 CPU cores.
+  --tune: the lr grid 3e-3, 1e-3, 3e-4 for every method and baseline, chosen per method on
+  validation.
 
 selection: every run keeps the epoch with the best validation criterion, and every method and
   baseline the learning rate with the best criterion averaged over the grid seeds; the test

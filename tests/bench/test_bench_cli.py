@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
+from support.datasets import tiny
 from taskbalance.bench import benchmark
-from taskbalance.bench.data.types import MultiTaskData, Split, TaskSpec
 from taskbalance.cli import FULL, QUICK, TUNE_GRID, bench_config, build_parser, main
 
 
@@ -74,17 +73,6 @@ def test_grid_options_and_method_hyperparameters_reach_the_config():
     config = parse("--methods", "imtl_g:level=parameter", "ew", "--loss-scale", "mu=10")
     assert [m.label for m in config.methods] == ["imtl_g:level=parameter", "ew"]
     assert config.loss_scale == {"mu": 10.0}
-
-
-def tiny() -> MultiTaskData:
-    g = torch.Generator().manual_seed(0)
-
-    def split(n):
-        x = torch.randn(n, 4, generator=g)
-        return Split(x, {"a": x[:, 0], "b": 5 * x[:, 1] + x[:, 2]})
-
-    tasks = tuple(TaskSpec(t, "regression", 1, "mae", False) for t in "ab")
-    return MultiTaskData("tiny", tasks, split(48), split(24), split(24), "synthetic", "none")
 
 
 def test_bench_runs_offline_end_to_end_and_says_where_it_wrote(monkeypatch, tmp_path, capsys):

@@ -4,24 +4,12 @@ method epochs selected by validation Delta m against the same seed's single-task
 from __future__ import annotations
 
 import pytest
-import torch
 
+from support.datasets import tiny
 from taskbalance.bench.benchmark import BenchConfig, references, run_benchmark
-from taskbalance.bench.data.types import MultiTaskData, Split, TaskSpec
 from taskbalance.bench.runner import MethodSpec, RunResult
 
 LRS = [3e-2, 1e-3]
-
-
-def tiny() -> MultiTaskData:
-    g = torch.Generator().manual_seed(0)
-
-    def split(n):
-        x = torch.randn(n, 4, generator=g)
-        return Split(x, {"a": x[:, 0], "b": 5 * x[:, 1] + x[:, 2]})
-
-    tasks = tuple(TaskSpec(t, "regression", 1, "mae", False) for t in "ab")
-    return MultiTaskData("tiny", tasks, split(48), split(24), split(24), "synthetic", "none")
 
 
 def bench(tmp_path, **kw):

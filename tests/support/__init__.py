@@ -1,1 +1,1 @@
-"""Shared test helpers: matrix samplers and small multi-task models."""
+"""Shared test helpers: matrix samplers, small multi-task models and a tiny dataset."""

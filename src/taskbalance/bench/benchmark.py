@@ -171,6 +171,11 @@ def _common(config: BenchConfig) -> dict[str, Any]:
     }
 
 
+def _by_lr_then_seed(runs: list[RunConfig], lrs: Sequence[float]) -> list[RunConfig]:
+    # Stable: within one (lr, seed), tasks or methods keep the order they were listed in.
+    return sorted(runs, key=lambda r: (lrs.index(r.lr), r.seed))
+
+
 def baseline_plan(
     config: BenchConfig,
     data: MultiTaskData,
@@ -183,7 +188,7 @@ def baseline_plan(
         for lr in lrs(f"stl:{task}"):
             for seed in seeds:
                 runs.append(RunConfig(tasks=(task,), lr=lr, seed=seed, **_common(config)))
-    return sorted(runs, key=lambda r: (config.lrs.index(r.lr), r.seed))
+    return _by_lr_then_seed(runs, config.lrs)
 
 
 def method_plan(
@@ -209,7 +214,7 @@ def method_plan(
                         **_common(config),
                     )
                 )
-    return sorted(runs, key=lambda r: (config.lrs.index(r.lr), r.seed))
+    return _by_lr_then_seed(runs, config.lrs)
 
 
 def choose_lrs(runs: Sequence[RunResult], seeds: Sequence[int] | None = None) -> dict[str, float]:
@@ -380,9 +385,8 @@ def run_benchmark(
             baselines: list[RunResult] = []
             if config.single_task:
                 baselines = grid_then_chosen(lambda s, lrs: baseline_plan(config, data, s, lrs))
-            refs = references(select(baselines, grid_seeds))
-            if config.selection == "loss":
-                refs = {}
+            use_delta_m = config.selection == "delta_m"
+            refs = references(select(baselines, grid_seeds)) if use_delta_m else {}
             results = baselines + grid_then_chosen(lambda s, lrs: method_plan(config, s, lrs, refs))
         finally:
             if bar is not None:

@@ -8,8 +8,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from support.bench_ranks import spawn_worker
 from taskbalance.bench.data.types import MultiTaskData, Split, TaskSpec
-from taskbalance.bench.parallel import World, shard, spawn_worker
+from taskbalance.bench.parallel import World, shard
 from taskbalance.bench.runner import RunConfig, Runner, parse_method_spec
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")

@@ -86,10 +86,10 @@ def worker(rank: int, world_size: int, init_file: str, configs: list, out_file: 
             torch.save(results, out_file)
     finally:
         dist.destroy_process_group()
-    _exit_now()
+    exit_now()
 
 
-def _exit_now() -> None:
+def exit_now() -> None:
     """End this rank without the interpreter's teardown. About one run in five on this
     machine, a rank's process aborted after its work was done ("terminate called without an
     active exception", in a C++ thread with no Python frame, i.e. in static destructors at
@@ -124,4 +124,4 @@ def nan_on_one_rank_worker(rank: int, world_size: int, init_file: str, out_file:
             torch.save(gathered, out_file)
     finally:
         dist.destroy_process_group()
-    _exit_now()
+    exit_now()

@@ -4,8 +4,9 @@ The IMTL paper's robustness test trains every method twice, once as is and once 
 task's loss multiplied by a factor, and asks whose result moves. :func:`compare_delta_m` reads
 the two runs' ``results.json`` (written by ``taskbalance bench``) and lists, per method present
 in both, the Delta m % of each (mean ± std over seeds), the change of the mean, and whether that
-change exceeds the sum of the two standard deviations (``beyond spread``: the same rule as the
-benchmark table's ``+`` / ``-`` marks). ``taskbalance compare BASE OTHER`` prints it.
+change exceeds the sum of the two standard deviations (``beyond spread``:
+:meth:`~taskbalance.bench.report.Cell.beyond_spread`, the rule of the benchmark table's ``+`` /
+``-`` marks). ``taskbalance compare BASE OTHER`` prints it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from taskbalance.bench.report import Cell
 
 
 def load_rows(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
@@ -36,11 +39,13 @@ def load_rows(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     return {row["method"]: row for row in data["table"]}
 
 
-def _cell(delta: Mapping[str, Any]) -> str:
-    mean, std, n = delta.get("mean"), delta.get("std"), delta.get("n", 0)
-    if not n or mean is None or not math.isfinite(mean):
-        return "-"
-    return f"{mean:.3g} ± {std:.3g}" if n > 1 else f"{mean:.3g}"
+def _cell(delta: Mapping[str, Any]) -> Cell:
+    # A diverged row's mean and std may be stored as null (or NaN).
+    def number(key: str) -> float:
+        value = delta.get(key)
+        return math.nan if value is None else float(value)
+
+    return Cell(number("mean"), number("std"), int(delta.get("n") or 0))
 
 
 def compare_delta_m(
@@ -67,12 +72,10 @@ def compare_delta_m(
     for label, row in base.items():
         if label == "single-task" or label not in other:
             continue
-        a, b = row["delta_m"], other[label]["delta_m"]
-        change, beyond = "-", "-"
-        if all(x.get("n") and x.get("mean") is not None for x in (a, b)):
-            diff = b["mean"] - a["mean"]
-            change = f"{diff:+.1f}"
-            if a["n"] > 1 and b["n"] > 1:
-                beyond = "yes" if abs(diff) > a["std"] + b["std"] else "no"
-        lines.append(f"| {label} | {_cell(a)} | {_cell(b)} | {change} | {beyond} |")
+        a, b = _cell(row["delta_m"]), _cell(other[label]["delta_m"])
+        change = (
+            f"{b.mean - a.mean:+.1f}" if a.n and b.n and math.isfinite(a.mean + b.mean) else "-"
+        )
+        beyond = {True: "yes", False: "no", None: "-"}[a.beyond_spread(b)]
+        lines.append(f"| {label} | {a.text(3)} | {b.text(3)} | {change} | {beyond} |")
     return "\n".join(lines)

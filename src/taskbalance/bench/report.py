@@ -54,6 +54,19 @@ class Cell:
         spread = f" ± {self.std:.{digits}g}" if self.n > 1 else ""
         return f"{self.mean:.{digits}g}{spread}{self.mark}"
 
+    def beyond_spread(self, other: Cell) -> bool | None:
+        """Whether the two means differ by more than ``std + other.std`` (their mean ± std
+        intervals do not overlap); ``None`` when either has fewer than two seeds or no finite
+        mean, so no spread to compare with.
+
+        >>> Cell(50.0, 3.0, 3).beyond_spread(Cell(57.5, 4.0, 3)), Cell(1.0, 0.0, 1).beyond_spread(
+        ...     Cell(9.0, 0.0, 3))
+        (True, None)
+        """
+        if self.n < 2 or other.n < 2 or not math.isfinite(self.mean + other.mean):
+            return None
+        return abs(other.mean - self.mean) > self.std + other.std
+
 
 def _cell(values: Sequence[float]) -> Cell:
     finite = [v for v in values if math.isfinite(v)]
@@ -79,12 +92,9 @@ class Row:
 
 
 def _mark(cell: Cell, ew: Cell, higher_is_better: bool) -> str:
-    if cell.n < 2 or ew.n < 2 or not math.isfinite(cell.mean) or not math.isfinite(ew.mean):
+    if not cell.beyond_spread(ew):
         return ""
-    diff = cell.mean - ew.mean
-    if abs(diff) <= cell.std + ew.std:
-        return ""
-    return "+" if (diff > 0) == higher_is_better else "-"
+    return "+" if (cell.mean > ew.mean) == higher_is_better else "-"
 
 
 def stl_metrics(runs: Sequence[RunResult]) -> dict[int, dict[str, float]]:
@@ -305,14 +315,10 @@ def write_outputs(
                             "selected": True, "best_epoch": run.best_epoch,
                             "status": run.status, "step_ms": run.step_ms, "task": "*",
                             "split": "test", "value": value, "metric": "delta_m_pct"})  # fmt: skip
-    buffer = io.StringIO()
-    fields = ["method", "seed", "lr", "selected", "task", "metric", "split", "value",
-              "best_epoch", "status", "step_ms"]  # fmt: skip
-    writer = csv.DictWriter(buffer, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(records)
+    fields = ("method", "seed", "lr", "selected", "task", "metric", "split", "value",
+              "best_epoch", "status", "step_ms")  # fmt: skip
     written["csv"] = out / "results.csv"
-    _atomic_write(written["csv"], buffer.getvalue().encode())
+    _write_csv(written["csv"], fields, records)
 
     table = format_table(data, rows)
     payload = {
@@ -336,12 +342,8 @@ def write_outputs(
 
     diagnostics = diagnostics_rows(runs, selected)
     if diagnostics:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(DIAGNOSTICS_COLUMNS))
-        writer.writeheader()
-        writer.writerows(diagnostics)
         written["diagnostics"] = out / "diagnostics.csv"
-        _atomic_write(written["diagnostics"], buffer.getvalue().encode())
+        _write_csv(written["diagnostics"], DIAGNOSTICS_COLUMNS, diagnostics)
 
     plot_paths: dict[str, Path] = {}
     notes = list(notes)
@@ -376,6 +378,14 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return str(value)
+
+
+def _write_csv(path: Path, fields: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fields))
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write(path, buffer.getvalue().encode())
 
 
 def _row_dict(row: Row) -> dict[str, Any]:

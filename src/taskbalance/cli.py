@@ -394,7 +394,6 @@ def bench_config(args: argparse.Namespace):
 
 
 def _bench(args: argparse.Namespace) -> None:
-
     from taskbalance.bench.parallel import init_from_env
 
     # Under torchrun (WORLD_SIZE > 1) the process group is ours to create and to destroy.
@@ -448,9 +447,12 @@ def _bench_in_world(args: argparse.Namespace) -> None:
             f"fixed learning rate {config.lrs[0]:g} for every method (no grid; --tune or "
             "--lr-grid gives every method the same small grid, chosen on validation)"
         )
-    command = "taskbalance " + " ".join(map(shlex.quote, args.argv))
-    if world.distributed:
-        command = f"torchrun --nproc_per_node {world.size} $(which taskbalance) " + command[12:]
+    launcher = (
+        f"torchrun --nproc_per_node {world.size} $(which taskbalance)"
+        if world.distributed
+        else "taskbalance"
+    )
+    command = f"{launcher} {shlex.join(args.argv)}"
     say(f"methods: {', '.join(m.label for m in config.methods)}")
     result = run_benchmark(
         config, data=data, command=command.strip(), progress=not args.no_progress,

@@ -418,9 +418,7 @@ class Runner:
         self.model = build_model(config.arch, data, self.tasks, config.model_options).to(
             device=self.device, dtype=dtype
         )
-        self.method = _build_method(config, self.tasks).to(self.device)
-        if dtype is not None:
-            self.method.to(dtype)
+        self.method = _build_method(config, self.tasks).to(device=self.device, dtype=dtype)
         self.optimizer = _build_optimizer(config, self.model, self.method)
         self.adatask = config.method.name == "adatask" and len(self.tasks) > 1
         self.forward: nn.Module = _TrainingForward(self.model, self.tasks)

@@ -27,8 +27,8 @@ class Workspace:
     On CPU, a fresh ``T x n`` buffer every step costs page faults comparable to the backward
     passes themselves (a profile of the benchmarks/step_time.py MLP at T = 3: forward, per-task
     gradients and stacking took 8.0 ms into fresh memory, 4.2 ms into reused memory). Blocks
-    written into a workspace are
-    overwritten by the next step, so only callers that do not hand the blocks out use one.
+    written into a workspace are overwritten by the next step, so only callers that do not hand
+    the blocks out use one.
     """
 
     def __init__(self) -> None:

@@ -33,10 +33,13 @@ def test_the_change_and_the_spread_rule_follow_the_means_and_stds():
 
 
 def test_one_seed_has_no_spread_and_a_diverged_row_has_no_change():
+    nan = float("nan")  # how the report stores a row with no finite Delta m
     base = {"ew": {"delta_m": {"mean": 50.0, "std": 0.0, "n": 1}},
-            "boom": {"delta_m": {"mean": None, "std": None, "n": 0}}}  # fmt: skip
+            "boom": {"delta_m": {"mean": None, "std": None, "n": 0}},
+            "nan": {"delta_m": {"mean": nan, "std": nan, "n": 0}}}  # fmt: skip
     lines = compare_delta_m(base, base).splitlines()
-    assert lines[2:] == ["| ew | 50 | 50 | +0.0 | - |", "| boom | - | - | - | - |"]
+    assert lines[2:] == ["| ew | 50 | 50 | +0.0 | - |", "| boom | - | - | - | - |",
+                         "| nan | - | - | - | - |"]  # fmt: skip
 
 
 def test_the_command_reads_folders_and_names_a_missing_result(tmp_path, capsys):

@@ -43,13 +43,6 @@ def _quickstart(args: argparse.Namespace) -> None:
 
 #: The lr grid of ``--tune`` (chosen per method on validation).
 TUNE_GRID: tuple[float, ...] = (3e-3, 1e-3, 3e-4)
-#: The default (quick) protocol: fits in 15 minutes on 2 CPU cores (see docs/benchmarks.md).
-QUICK = {"dataset": "qm9", "train_size": 20_000, "epochs": 12, "seeds": 1, "lr": 1e-3}
-#: The full protocol (--full): every method, 3 seeds, more epochs, the lr grid run on the first
-#: seed. Sized for a 2-core CPU (measured: 28 min to 1.6 h per data set, docs/results.md): 20,000
-#: training rows of every data set; a larger machine raises --train-size and --epochs. The grid
-#: is 3e-3, 1e-3 because a QM9 --tune run saw every method pick 3e-3 over 1e-3 and 3e-4.
-FULL = {"train_size": 20_000, "epochs": 15, "seeds": 3, "lr_grid": (3e-3, 1e-3), "grid_seeds": 1}
 
 BENCH_EPILOG = """\
 methods: registry names ('taskbalance methods' lists them) or the pseudo-method 'adatask'
@@ -58,12 +51,20 @@ methods: registry names ('taskbalance methods' lists them) or the pseudo-method 
   cagrad:c=0.4. Values are read as int, float, true/false, none, or strings. A method may be
   given several times with different hyperparameters.
 
-defaults: with no arguments, QM9 (11 regression targets with very different difficulties; the
-  descriptor model, not a graph network) on a 20,000-molecule training subset, 12 epochs, 1 seed,
-  lr 1e-3 fixed (no grid: a grid would multiply the ~10-minute budget), the single-task baselines
-  and every default method available. --full: every method in the registry, 20,000 training
-  rows, 15 epochs, 3 seeds, the lr grid 3e-3, 1e-3 run on seed 0 (each method and baseline
-  keeps its best rate for seeds 1 and 2): 0.5 to 1.6 hours per data set on 2 CPU cores.
+protocols (--protocol; explicit options override any field):
+  quick (default): QM9 (11 regression targets with very different difficulties; the descriptor
+    model, not a graph network) on a 20,000-molecule training subset (other data sets: all
+    training rows), 12 epochs, 1 seed, lr 1e-3 fixed, the single-task baselines and every
+    default method: minutes on 2 CPU cores.
+  full (also --full): every method in the registry, 20,000 training rows, 15 epochs, 3 seeds,
+    the lr grid 3e-3, 1e-3 run on seed 0 (each method and baseline keeps its best rate for
+    seeds 1 and 2): 0.5 to 1.6 hours per data set on 2 CPU cores.
+  paper: the papers' data sizes. QM9: all 110,000 training molecules, 10,000 validation,
+    10,831 test, 30 epochs; census_income: the whole training file (a seeded tenth held out
+    for validation) and the whole test file, MMoE, 10 epochs; multi_mnist: 50,000 / 10,000 /
+    10,000 pairs, 10 epochs. 3 seeds, grid 3e-3, 1e-3 on seed 0, the seed methods and 10
+    baselines. Hours per data set on 2 CPU cores: run it in the background, --resume after an
+    interruption.
   --tune: the lr grid 3e-3, 1e-3, 3e-4 for every method and baseline, chosen per method on
   validation.
 
@@ -140,6 +141,7 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         from taskbalance.bench.benchmark import SELECTIONS
         from taskbalance.bench.data import DATASETS
         from taskbalance.bench.models import ARCHITECTURES
+        from taskbalance.bench.protocols import DEFAULT_DATASET, PROTOCOLS
     except ImportError as error:  # pandas and friends: the optional [bench] extra
         stub = commands.add_parser("bench", help="benchmark methods (needs taskbalance[bench])")
         stub.set_defaults(run=_missing_extra(error))
@@ -159,7 +161,7 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         choices=DATASETS,
         default=None,
         metavar="NAME",
-        help=f"one of: {', '.join(DATASETS)} (default {QUICK['dataset']})",
+        help=f"one of: {', '.join(DATASETS)} (default {DEFAULT_DATASET})",
     )
     bench.add_argument(
         "--methods",
@@ -174,9 +176,9 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--arch",
         choices=ARCHITECTURES,
-        default="hps",
+        default=None,
         help="hps (LeNet trunk for images, MLP shared bottom for tabular data), "
-        "mmoe or ple (tabular data only); default hps",
+        "mmoe or ple (tabular data only); default hps (paper protocol on census_income: mmoe)",
     )
     bench.add_argument(
         "--hidden",
@@ -200,20 +202,20 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         "--epochs",
         type=_positive_int,
         default=None,
-        help=f"epochs per run (default {QUICK['epochs']}, --full {FULL['epochs']})",
+        help="epochs per run (default: the protocol's; quick 12, full 15, paper 10-30)",
     )
     bench.add_argument(
         "--seeds",
         type=_positive_int,
         default=None,
-        help=f"number of seeds 0..N-1 (default {QUICK['seeds']}, --full {FULL['seeds']})",
+        help="number of seeds 0..N-1 (default: the protocol's; quick 1, full and paper 3)",
     )
     bench.add_argument("--batch-size", type=_positive_int, default=256, help="default 256")
     bench.add_argument(
         "--lr",
         type=_positive_float,
         default=None,
-        help=f"one learning rate for every run (default {QUICK['lr']:g})",
+        help="one learning rate for every run (default: quick 1e-3; full and paper a grid)",
     )
     bench.add_argument(
         "--lr-grid",
@@ -229,7 +231,7 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         default=None,
         metavar="N",
         help="run the lr grid on the first N seeds only; the other seeds train at each "
-        f"method's chosen lr (default: every seed; --full {FULL['grid_seeds']})",
+        "method's chosen lr (default: every seed; full and paper 1)",
     )
     bench.add_argument(
         "--select",
@@ -249,8 +251,8 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         "--train-size",
         type=_positive_int,
         default=None,
-        help="keep a seeded subset of N training rows (default: 20000 for the "
-        "default QM9 run and for --full, else all)",
+        help="keep a seeded subset of N training rows (default: the protocol's; quick 20000 "
+        "of QM9, full 20000, paper all)",
     )
     bench.add_argument(
         "--loss-scale",
@@ -312,10 +314,17 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         "for diagnostics.csv, rt_spread.png, au_shares.png; 0: off (default 20)",
     )
     bench.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="quick",
+        help="quick (default), full or paper: data size, epochs, seeds, lr grid and methods "
+        "(see below; explicit options override)",
+    )
+    bench.add_argument(
         "--full",
         action="store_true",
-        help="the full protocol: every method, 20000 training rows, 15 epochs, 3 seeds, lr grid "
-        "3e-3,1e-3 on seed 0 (explicit options override)",
+        help="shorthand for --protocol full: every method, 20000 training rows, 15 epochs, "
+        "3 seeds, lr grid 3e-3,1e-3 on seed 0",
     )
     bench.add_argument(
         "--resume", action="store_true", help="continue from the checkpoints in the output folder"
@@ -331,11 +340,14 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
 
 
 def bench_config(args: argparse.Namespace):
-    """The :class:`~taskbalance.bench.benchmark.BenchConfig` that ``args`` describe."""
-    from taskbalance.bench.benchmark import BenchConfig, all_methods, default_methods
+    """The :class:`~taskbalance.bench.benchmark.BenchConfig` that ``args`` describe: the
+    protocol's settings (:func:`taskbalance.bench.protocols.protocol`), each overridden by the
+    options given explicitly."""
+    from taskbalance.bench.benchmark import BenchConfig, all_methods, default_methods, paper_methods
+    from taskbalance.bench.protocols import DEFAULT_DATASET, protocol
 
-    dataset = args.dataset or QUICK["dataset"]
-    full = args.full
+    dataset = args.dataset or DEFAULT_DATASET
+    preset = protocol("full" if args.full else args.protocol, dataset)
     if args.lr_grid is not None:
         lrs = list(args.lr_grid)
     elif args.tune:
@@ -343,17 +355,7 @@ def bench_config(args: argparse.Namespace):
     elif args.lr is not None:
         lrs = [args.lr]
     else:
-        lrs = list(FULL["lr_grid"]) if full else [QUICK["lr"]]
-    if args.train_size is not None:
-        train_size = args.train_size
-    elif full:
-        train_size = FULL["train_size"]
-    elif dataset != QUICK["dataset"]:
-        train_size = None
-    else:
-        train_size = QUICK["train_size"]
-    epochs = args.epochs or (FULL["epochs"] if full else QUICK["epochs"])
-    seeds = args.seeds or (FULL["seeds"] if full else QUICK["seeds"])
+        lrs = list(preset.lrs)
     model_options = {
         key: value
         for key, value in (
@@ -363,25 +365,26 @@ def bench_config(args: argparse.Namespace):
         )
         if value is not None
     }
-    data_options = {}
+    data_options = dict(preset.data_options)
     if args.cache_dir is not None:
         data_options["cache_dir"] = args.cache_dir
     if args.data_root is not None:
         data_options["root"] = args.data_root
+    methods = {"default": default_methods, "all": all_methods, "paper": paper_methods}
     return BenchConfig(
         dataset=dataset,
-        methods=list(args.methods or (all_methods() if full else default_methods())),
-        arch=args.arch,
+        methods=list(args.methods or methods[preset.methods]()),
+        arch=args.arch or preset.arch or "hps",
         model_options=model_options,
-        epochs=epochs,
+        epochs=args.epochs or preset.epochs,
         batch_size=args.batch_size,
-        seeds=list(range(seeds)),
+        seeds=list(range(args.seeds or preset.seeds)),
         lrs=lrs,
         weight_decay=args.weight_decay,
         device=args.device,
         loss_scale=dict(args.loss_scale),
         regression_loss=args.regression_loss,
-        train_size=train_size,
+        train_size=args.train_size if args.train_size is not None else preset.train_size,
         data_options=data_options,
         single_task=not args.no_single_task,
         out_dir=args.out or str(Path("taskbalance-bench") / dataset),
@@ -389,7 +392,8 @@ def bench_config(args: argparse.Namespace):
         timing_rounds=max(args.timing_rounds, 0),
         record_every=max(args.record_every, 0),
         selection=args.select,
-        grid_seeds=args.grid_seeds or (FULL["grid_seeds"] if full else None),
+        grid_seeds=args.grid_seeds or preset.grid_seeds,
+        protocol=preset.name,
     )
 
 

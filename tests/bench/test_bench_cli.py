@@ -6,7 +6,8 @@ import pytest
 
 from support.datasets import tiny
 from taskbalance.bench import benchmark
-from taskbalance.cli import FULL, QUICK, TUNE_GRID, bench_config, build_parser, main
+from taskbalance.bench.protocols import GRID, PAPER_METHODS
+from taskbalance.cli import TUNE_GRID, bench_config, build_parser, main
 
 
 def parse(*argv):
@@ -43,17 +44,18 @@ def test_bad_architecture_and_bad_numbers_are_refused(capsys):
 
 def test_defaults_are_the_quick_protocol():
     config = parse()
-    assert config.dataset == QUICK["dataset"] and config.epochs == QUICK["epochs"]
-    assert config.seeds == [0] and config.lrs == [QUICK["lr"]]
-    assert config.train_size == QUICK["train_size"]
+    assert config.dataset == "qm9" and config.epochs == 12 and config.protocol == "quick"
+    assert config.seeds == [0] and config.lrs == [1e-3]
+    assert config.train_size == 20_000 and config.arch == "hps"
     assert {"ew", "imtl", "imtl_g", "imtl_l", "emtl", "adatask"} <= {m.name for m in config.methods}
 
 
 def test_full_means_every_method_three_seeds_more_epochs_and_the_grid_on_seed_0():
     config = parse("--full")
-    assert config.seeds == [0, 1, 2] and config.epochs == FULL["epochs"] > QUICK["epochs"]
-    assert config.lrs == list(FULL["lr_grid"]) and config.grid_seeds == 1
-    assert config.train_size == FULL["train_size"] and config.selection == "delta_m"
+    assert config == parse("--protocol", "full") and config.protocol == "full"
+    assert config.seeds == [0, 1, 2] and config.epochs == 15
+    assert config.lrs == list(GRID) and config.grid_seeds == 1
+    assert config.train_size == 20_000 and config.selection == "delta_m"
     assert [m.name for m in config.methods] == [m.name for m in benchmark.all_methods()]
     assert {"moco", "upgrad", "stch", "excess_mtl"} <= {m.name for m in config.methods}
     overridden = parse("--full", "--epochs", "3", "--seeds", "2", "--grid-seeds", "2")
@@ -118,3 +120,25 @@ def test_bench_writes_the_diagnostics_plots(monkeypatch, tmp_path, capsys):
     for name in ("rt_spread.png", "au_shares.png", "diagnostics.csv"):
         assert (tmp_path / name).exists() and str(tmp_path / name) in out
     assert parse("--record-every", "0").record_every == 0 and parse().record_every == 20
+
+
+@pytest.mark.parametrize(
+    ("dataset", "epochs", "arch", "data_options"),
+    [
+        ("qm9", 30, "hps", {}),
+        ("census_income", 10, "mmoe", {"val_from": "train"}),
+        ("multi_mnist", 10, "hps", {"size": 60_000, "val_size": 10_000, "test_size": 10_000}),
+    ],
+)
+def test_paper_protocol_uses_the_whole_data_and_its_methods(dataset, epochs, arch, data_options):
+    config = parse("--protocol", "paper", "--dataset", dataset)
+    assert (config.epochs, config.arch, config.data_options) == (epochs, arch, data_options)
+    assert config.train_size is None and config.seeds == [0, 1, 2] and config.grid_seeds == 1
+    assert [m.name for m in config.methods] == list(PAPER_METHODS)
+    assert config.protocol == "paper" and config.lrs == list(GRID)
+    overridden = parse("--protocol", "paper", "--dataset", dataset, "--arch", "ple", "--epochs=2")
+    assert (overridden.arch, overridden.epochs) == ("ple", 2)
+
+
+def test_every_paper_method_exists():
+    assert set(PAPER_METHODS) <= set(benchmark.available_methods())

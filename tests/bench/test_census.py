@@ -147,3 +147,20 @@ def test_bad_options_are_refused(cache_dir: Path) -> None:
         load_census_income(3, cache_dir=cache_dir)
     with pytest.raises(ValueError, match="encoding must be"):
         load_census_income(1, encoding="dense", cache_dir=cache_dir)
+
+
+def test_validation_from_the_training_file_keeps_the_whole_test_file(
+    cache_dir: Path, tables
+) -> None:
+    data = load_census_income(1, encoding="index", val_from="train", cache_dir=cache_dir)
+    assert (len(data.train), len(data.val), len(data.test)) == (54, 6, 21)
+    train_ages = set(data.train.x[:, 0].tolist())
+    assert not train_ages & set(data.val.x[:, 0].tolist())
+    # Standardised with the 54 training rows only: their ages have mean 0, std 1.
+    assert abs(float(data.train.x[:, 0].mean())) < 1e-5
+    assert abs(float(data.train.x[:, 0].std(unbiased=False)) - 1) < 1e-5
+    test_ages = sorted(data.test.x[:, 0].tolist())
+    assert test_ages == sorted(set(test_ages)) and len(test_ages) == 21  # every test row, once
+    assert "a seeded tenth of the training file = val" in data.description
+    with pytest.raises(ValueError, match="val_from must be"):
+        load_census_income(1, val_from="elsewhere", cache_dir=cache_dir)

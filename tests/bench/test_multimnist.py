@@ -206,3 +206,11 @@ def test_fashion_and_mixed_variants(cache_dir: Path, mnist_files, fashion_files,
 def test_empty_split_is_refused(cache_dir: Path) -> None:
     with pytest.raises(ValueError, match="empty split"):
         load_multi_mnist(size=5, cache_dir=cache_dir)
+
+
+def test_val_size_sets_the_validation_pairs_and_the_rest_train(cache_dir: Path) -> None:
+    data = load_multi_mnist(size=40, val_size=10, test_size=10, cache_dir=cache_dir)
+    assert (len(data.train), len(data.val), len(data.test)) == (30, 10, 10)
+    assert "30 / 10 / 10 train / val / test" in data.description
+    with pytest.raises(ValueError, match="val_size=40"):
+        load_multi_mnist(size=40, val_size=40, cache_dir=cache_dir)

@@ -169,3 +169,25 @@ def test_root_folder_with_the_csv_parts(frame: pd.DataFrame, cache_dir: Path, tm
     from_archive = load_qm9(n_train=30, n_val=5, cache_dir=cache_dir)
     assert torch.equal(from_root.val.x, from_archive.val.x)
     assert len(list((tmp_path / "c").glob("qm9_descriptors_v1_*.npz"))) == 1
+
+
+def test_a_cache_that_differs_from_the_reference_is_computed_again_with_a_warning(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = load_qm9(n_train=30, n_val=5, cache_dir=cache_dir)
+    (cached,) = cache_dir.glob("qm9_descriptors_v1_*.npz")
+    with np.load(cached) as npz:
+        features, targets = npz["features"], npz["targets"]
+    np.savez(cached, features=features + 1, targets=targets)  # a stale cache from other code
+    sha = qm9_module.CARRIERS["qm9"].sha256
+    monkeypatch.setitem(
+        qm9_module.REFERENCE_DESCRIPTORS, sha, qm9_module._digest(features, targets)
+    )
+    capsys.readouterr()
+    again = load_qm9(n_train=30, n_val=5, cache_dir=cache_dir)
+    assert torch.equal(first.train.x, again.train.x)
+    assert "computing them again" in capsys.readouterr().err
+    monkeypatch.setitem(qm9_module.REFERENCE_DESCRIPTORS, sha, "0" * 64)
+    cached.unlink()
+    load_qm9(n_train=30, n_val=5, cache_dir=cache_dir)
+    assert "will not match the documented tables" in capsys.readouterr().err

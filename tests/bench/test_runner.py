@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from taskbalance.bench.data.types import MultiTaskData, Split, TaskSpec
-from taskbalance.bench.runner import MethodSpec, RunConfig, Runner, parse_method_spec
+from taskbalance.bench.runner import (
+    CheckpointMismatchError,
+    MethodSpec,
+    RunConfig,
+    Runner,
+    parse_method_spec,
+)
 from taskbalance.optim import AdaTaskAdam
 
 SMALL = {"hidden": 16, "tower": 8}
@@ -115,8 +121,16 @@ def test_a_finished_checkpoint_is_read_back_without_training(tmp_path):
 def test_a_checkpoint_of_another_configuration_is_refused(tmp_path):
     data = synthetic()
     Runner(data, config(epochs=1), checkpoint=tmp_path / "run.pt", progress=False).run()
-    with pytest.raises(ValueError, match="another configuration"):
+    with pytest.raises(CheckpointMismatchError, match=r"run\.pt: .*another configuration"):
         Runner(data, config(lr=1e-2, epochs=1), checkpoint=tmp_path / "run.pt", resume=True)
+
+
+def test_a_checkpoint_of_other_data_is_refused(tmp_path):
+    data = synthetic()
+    Runner(data, config(epochs=1), checkpoint=tmp_path / "run.pt", progress=False).run()
+    fewer = dataclasses.replace(data, train=data.train.subset(torch.arange(len(data.train) - 1)))
+    with pytest.raises(CheckpointMismatchError, match="other data"):
+        Runner(fewer, config(epochs=1), checkpoint=tmp_path / "run.pt", resume=True)
 
 
 def test_selection_uses_the_validation_split_only():

@@ -43,6 +43,7 @@ import torch
 from taskbalance.bench.data import load_dataset
 from taskbalance.bench.data.types import MultiTaskData, split_indices
 from taskbalance.bench.parallel import current_world
+from taskbalance.bench.protocols import PAPER_METHODS
 from taskbalance.bench.report import Row, format_table, summarize, write_outputs
 from taskbalance.bench.runner import (
     MethodSpec,
@@ -80,6 +81,17 @@ def all_methods() -> list[MethodSpec]:
     valid = available_methods()
     first = [m for m in DEFAULT_METHODS if m in valid]
     return [MethodSpec(m) for m in [*first, *sorted(set(valid) - set(first))]]
+
+
+def paper_methods() -> list[MethodSpec]:
+    """The paper-scale protocol's methods
+    (:data:`taskbalance.bench.protocols.PAPER_METHODS`) that are available now, as specs.
+
+    >>> [m.name for m in paper_methods()][:4]
+    ['ew', 'imtl_l', 'imtl_g', 'imtl']
+    """
+    valid = set(available_methods())
+    return [MethodSpec(m) for m in PAPER_METHODS if m in valid]
 
 
 @dataclass
@@ -120,6 +132,9 @@ class BenchConfig:
     grid_seeds: int | None = None
     """Run the learning-rate grid on the first this many seeds only and train the other seeds
     at each method's chosen rate (``None``: the grid on every seed)."""
+    protocol: str = "custom"
+    """The named protocol these settings came from (:mod:`taskbalance.bench.protocols`), for
+    the report; ``"custom"`` when built by hand."""
 
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:

@@ -81,7 +81,11 @@ PSEUDO_METHODS: dict[str, str] = {
     "adatask": "EW (or base=NAME, a loss-level method) with the AdaTask Adam optimizer "
     "(Yang et al., AAAI 2023)",
 }
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint to resume was written by another version, configuration or data."""
 
 
 def available_methods() -> list[str]:
@@ -448,7 +452,10 @@ class Runner:
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self._train = self._to_device(data.train)
         if resume and self.checkpoint is not None and self.checkpoint.exists():
-            self.load_state_dict(torch.load(self.checkpoint, weights_only=True))
+            try:
+                self.load_state_dict(torch.load(self.checkpoint, weights_only=True))
+            except CheckpointMismatchError as error:
+                raise CheckpointMismatchError(f"{self.checkpoint}: {error}") from None
 
     def _to_device(self, split: Split) -> Split:
         if self.device.type == "cpu":
@@ -463,6 +470,7 @@ class Runner:
         return {
             "version": CHECKPOINT_VERSION,
             "config": self.config.to_dict(),
+            "data": self.data.fingerprint,
             "epoch": self.epoch,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -480,11 +488,21 @@ class Runner:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output; the config must be this run's."""
         if state.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"checkpoint version {state.get('version')} is not supported")
+            raise CheckpointMismatchError(
+                f"checkpoint version {state.get('version')} is not supported (this version "
+                f"writes {CHECKPOINT_VERSION})"
+            )
         mine = self.config.to_dict()
         if state["config"] != mine:
             keys = sorted(k for k in mine if state["config"].get(k) != mine[k])
-            raise ValueError(f"the checkpoint was written for another configuration ({keys})")
+            raise CheckpointMismatchError(
+                f"the checkpoint was written for another configuration ({keys})"
+            )
+        if state["data"] != self.data.fingerprint:
+            raise CheckpointMismatchError(
+                f"the checkpoint was written for other data (fingerprint {state['data']}, this "
+                f"run's data {self.data.fingerprint}: another data set, split or training size)"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method"])

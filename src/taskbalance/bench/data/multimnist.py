@@ -13,7 +13,7 @@ Splits, all deterministic from ``seed``:
 * a seeded 10 % of the *training images* is held out; validation pairs are drawn from those
   images only and training pairs from the other 90 %, so no image appears in both;
 * ``size`` pairs are drawn from the training file (default: one per training image, 60,000):
-  90 % of them are training pairs, 10 % validation pairs;
+  ``val_size`` of them (default 10 %) are validation pairs, the rest training pairs;
 * test pairs are drawn from the test file only (default: one per test image, 10,000).
 
 Each position takes the images of a seeded permutation of its pool (repeated if more pairs than
@@ -151,6 +151,7 @@ def _build(
     test_size: int | None,
     seed: int,
     cache_dir: PathLike | None,
+    val_size: int | None = None,
 ) -> MultiTaskData:
     raws = [load_raw_images(sources[0], root=roots[0], cache_dir=cache_dir)]
     raws.append(
@@ -165,9 +166,11 @@ def _build(
     held.append(held[0] if raws[1] is raws[0] else _holdout(len(raws[1]["train"][1]), seed + 1))
     size = len(raws[0]["train"][1]) if size is None else size
     test_size = len(raws[0]["test"][1]) if test_size is None else test_size
-    n_val = size // 10
+    n_val = size // 10 if val_size is None else val_size
     if size - n_val < 1 or n_val < 1 or test_size < 1:
-        raise ValueError(f"size={size} and test_size={test_size} leave an empty split")
+        raise ValueError(
+            f"size={size}, val_size={n_val} and test_size={test_size} leave an empty split"
+        )
 
     g = torch.Generator().manual_seed(seed)
     l_tr, r_tr = raws[0]["train"], raws[1]["train"]
@@ -194,29 +197,33 @@ def load_multi_mnist(
     size: int | None = None,
     *,
     test_size: int | None = None,
+    val_size: int | None = None,
     seed: int = 0,
     root: PathLike | None = None,
     cache_dir: PathLike | None = None,
 ) -> MultiTaskData:
     """MultiMNIST (Sener & Koltun 2018): two MNIST digits, tasks ``"left"`` and ``"right"``.
 
-    ``size`` pairs come from the training file (90 % train, 10 % validation; default 60,000),
-    ``test_size`` from the test file (default 10,000). See the module docstring for the
-    construction and the splits. Returns a :class:`MultiTaskData` with ``x`` of shape
-    ``(N, 1, 28, 28)`` and int64 labels.
+    ``size`` pairs come from the training file (default 60,000; ``val_size`` of them, default
+    10 %, are validation pairs), ``test_size`` from the test file (default 10,000). See the
+    module docstring for the construction and the splits. Returns a :class:`MultiTaskData`
+    with ``x`` of shape ``(N, 1, 28, 28)`` and int64 labels.
 
     Example:
         >>> data = load_multi_mnist(size=20_000)  # doctest: +SKIP
         >>> len(data.train), len(data.val), len(data.test)  # doctest: +SKIP
         (18000, 2000, 10000)
     """
-    return _build("multi_mnist", ("mnist", "mnist"), (root, root), size, test_size, seed, cache_dir)
+    return _build(
+        "multi_mnist", ("mnist", "mnist"), (root, root), size, test_size, seed, cache_dir, val_size
+    )
 
 
 def load_multi_fashion(
     size: int | None = None,
     *,
     test_size: int | None = None,
+    val_size: int | None = None,
     seed: int = 0,
     root: PathLike | None = None,
     cache_dir: PathLike | None = None,
@@ -231,13 +238,16 @@ def load_multi_fashion(
         ('left', 'right')
     """
     sources: tuple[Source, Source] = ("fashion_mnist", "fashion_mnist")
-    return _build("multi_fashion", sources, (root, root), size, test_size, seed, cache_dir)
+    return _build(
+        "multi_fashion", sources, (root, root), size, test_size, seed, cache_dir, val_size
+    )
 
 
 def load_multi_fashion_mnist(
     size: int | None = None,
     *,
     test_size: int | None = None,
+    val_size: int | None = None,
     seed: int = 0,
     root: PathLike | None = None,
     cache_dir: PathLike | None = None,
@@ -255,4 +265,4 @@ def load_multi_fashion_mnist(
     """
     roots = (None, None) if root is None else (Path(root) / "mnist", Path(root) / "fashion-mnist")
     sources: tuple[Source, Source] = ("mnist", "fashion_mnist")
-    return _build("multi_fashion_mnist", sources, roots, size, test_size, seed, cache_dir)
+    return _build("multi_fashion_mnist", sources, roots, size, test_size, seed, cache_dir, val_size)

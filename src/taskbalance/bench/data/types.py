@@ -16,8 +16,10 @@ Conventions shared by all loaders:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -111,6 +113,30 @@ class MultiTaskData:
             if t.name == name:
                 return t
         raise KeyError(f"no task {name!r}; tasks are {self.task_names}")
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A sha256 (hex, 16 characters) of the tasks and every split's inputs and labels:
+        equal only for the same rows in the same order. Benchmark checkpoints carry it, so a
+        run is never resumed on other data (another training size, split or data set).
+
+        Example:
+            >>> tasks = (TaskSpec("t", "regression", 1, "mae", False),)
+            >>> s = Split(torch.zeros(2, 1), {"t": torch.zeros(2)})
+            >>> a = MultiTaskData("toy", tasks, s, s, s, "", "")
+            >>> b = MultiTaskData("toy", tasks, s, s, s.subset(torch.tensor([0])), "", "")
+            >>> a.fingerprint == b.fingerprint
+            False
+        """
+        digest = hashlib.sha256(repr((self.name, self.tasks)).encode())
+        for split in (self.train, self.val, self.test):
+            tensors = [split.x, *(split.y[t] for t in self.task_names)]
+            if split.x_cat is not None:
+                tensors.append(split.x_cat)
+            for tensor in tensors:
+                digest.update(repr((tensor.dtype, tuple(tensor.shape))).encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
 
 def split_indices(n: int, sizes: tuple[int, ...], seed: int) -> tuple[Tensor, ...]:

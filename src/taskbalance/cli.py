@@ -11,8 +11,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
-
 from taskbalance.methods.registry import hyperparameters, list_methods, method_class
 
 
@@ -417,16 +415,14 @@ def _bench_in_world(args: argparse.Namespace) -> None:
 
     from taskbalance.bench.benchmark import load_bench_data, run_benchmark
     from taskbalance.bench.data import ChecksumError, FetchError
+    from taskbalance.bench.determinism import make_deterministic
     from taskbalance.bench.parallel import barrier, current_world, local_device
 
     world = current_world()
     say = print if world.main else (lambda *_args, **_kw: None)
     config = bench_config(args)
     config = dataclasses.replace(config, device=local_device(config.device, world))
-    # One intra-op thread by default on CPU: the benchmark's models are small, and on a shared
-    # 2-core machine two threads per process were measured 2-30x slower (oversubscription).
-    if args.threads is not None or args.device == "cpu":
-        torch.set_num_threads(args.threads or 1)
+    make_deterministic(config.device, args.threads)
     try:
         # Rank 0 first: it fetches into the cache (once) while the others wait, then they read.
         if not world.main:

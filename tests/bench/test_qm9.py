@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from support.qm9_files import Z, molecules, wheel
 from taskbalance.bench.data import load_qm9
 from taskbalance.bench.data import qm9 as qm9_module
 from taskbalance.bench.data.qm9 import (
@@ -19,35 +20,6 @@ from taskbalance.bench.data.qm9 import (
     TARGETS,
     coulomb_descriptors,
 )
-
-Z = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9}
-
-
-def molecules(n: int, seed: int) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    records = []
-    for k in range(n):
-        atoms = list(rng.choice(list(Z), size=rng.integers(2, 7)))
-        xyz = rng.normal(scale=1.5, size=(len(atoms), 3)).round(6)
-        record = {
-            "XYZ_file": f"dsgdb9nsd_{k:06d}.xyz", "Index": k + 1, "SMILES": "C",
-            "N_atoms": len(atoms),
-            "Stoichiometry": str([atoms.count(e) for e in Z]).replace(" ", ""),
-            "Elements": "[" + ",".join(f"'{a}'" for a in atoms) + "]",
-            "XYZ_Ang": "[" + ",".join("[" + ",".join(map(str, p)) + "]" for p in xyz) + "]",
-        }  # fmt: skip
-        record |= {column: rng.normal() for column, _, _ in TARGETS.values()}
-        records.append(record)
-    return pd.DataFrame(records)
-
-
-def wheel(frame: pd.DataFrame) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        z.writestr("qm9pack/__init__.py", "")
-        for part, chunk in zip(PARTS, np.array_split(np.arange(len(frame)), 3), strict=True):
-            z.writestr(f"qm9pack/data/{part}", frame.iloc[chunk].to_csv(index=False))
-    return buf.getvalue()
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.metadata
 import os
 import platform
 import re
@@ -166,7 +167,13 @@ def load_bench_data(config: BenchConfig) -> MultiTaskData:
     data = load_dataset(config.dataset, **options)
     if config.train_size is not None and config.train_size < len(data.train):
         (keep,) = split_indices(len(data.train), (config.train_size,), config.data_seed)
-        data = dataclasses.replace(data, train=data.train.subset(keep.sort().values))
+        data = dataclasses.replace(
+            data,
+            train=data.train.subset(keep.sort().values),
+            description=f"{data.description} Trained on a seeded subset of "
+            f"{config.train_size} of these {len(data.train)} training rows (data seed "
+            f"{config.data_seed}).",
+        )
     return data
 
 
@@ -311,6 +318,75 @@ def _criterion(run: RunResult) -> float:
     return run.history[run.best_epoch - 1]["criterion"]
 
 
+def cpu_model() -> str:
+    """The processor's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` says.
+
+    >>> isinstance(cpu_model(), str)
+    True
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def setup_fields(
+    config: BenchConfig, data: MultiTaskData, grid_seeds: Sequence[int], seconds: float
+) -> dict[str, str]:
+    """What produced a benchmark's numbers, as ``{field: text}`` in report order: the protocol,
+    the split sizes actually trained and evaluated on, epochs, seeds, the lr grid, selection,
+    model, the library, torch, machine, threads and the wall time. Fields with nothing to say
+    (no loss scale, no model options, one process) are left out, never printed empty."""
+    world = current_world()
+    try:
+        version = importlib.metadata.version("taskbalance")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    grid = ", ".join(f"{lr:g}" for lr in config.lrs)
+    if len(config.lrs) > 1:
+        grid += f" on seed(s) {list(grid_seeds)}, chosen per method on validation"
+    fields = {
+        "protocol": config.protocol,
+        "data": data.name,
+        "rows (train / val / test)": f"{len(data.train)} / {len(data.val)} / {len(data.test)}",
+        "epochs": str(config.epochs),
+        "batch size": str(config.batch_size),
+        "seeds": ", ".join(map(str, config.seeds)),
+        "learning rates": grid,
+        "selection": (
+            "validation Delta m % against the same seed's single-task baselines (which select "
+            "by their validation loss)"
+            if config.selection == "delta_m" and config.single_task
+            else "mean validation loss over tasks"
+        ),
+        "weight decay": f"{config.weight_decay:g}",
+        "architecture": config.arch,
+        "model options": ", ".join(f"{k}={v}" for k, v in config.model_options.items()),
+        "regression loss": config.regression_loss
+        if any(t.kind == "regression" for t in data.tasks)
+        else "",
+        "loss scale": ", ".join(f"{k} x{v:g}" for k, v in config.loss_scale.items()),
+        "taskbalance": version,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": f"{cpu_model()} ({platform.machine()}), {os.cpu_count()} CPU(s) visible",
+        "device": config.device,
+        "threads": str(torch.get_num_threads()),
+        "processes": (
+            f"{world.size} data-parallel ranks (DistributedDataParallel; each rank trains on "
+            f"{config.batch_size // world.size} rows of every global batch; ms/step is rank 0's)"
+            if world.distributed
+            else ""
+        ),
+        "wall time": f"{seconds:.0f} s",
+    }
+    return {key: value for key, value in fields.items() if value}
+
+
 def run_benchmark(
     config: BenchConfig,
     *,
@@ -421,33 +497,8 @@ def run_benchmark(
         )
     rows = summarize(data, selected, timing=timing)
     seconds = time.perf_counter() - began
-    machine = (
-        f"{platform.machine()}, {os.cpu_count()} CPU(s) visible, torch {torch.__version__} "
-        f"with {torch.get_num_threads()} thread(s), device {config.device}"
-    )
-    if world.distributed:
-        machine += (
-            f", {world.size} data-parallel ranks (DistributedDataParallel; each rank trains on "
-            f"{config.batch_size // world.size} rows of every global batch of "
-            f"{config.batch_size}; ms/step is rank 0's)"
-        )
-    all_notes = [
-        f"wall time {seconds:.0f} s on {machine}",
-        f"{len(config.seeds)} seed(s) {config.seeds}; epochs {config.epochs}; batch "
-        f"{config.batch_size}; weight decay {config.weight_decay:g}; learning-rate grid "
-        f"{config.lrs} on seed(s) {grid_seeds}, chosen per method on validation",
-        "selection (epoch and lr): "
-        + (
-            "validation Delta m % against the same seed's single-task baselines (which select "
-            "by their validation loss)"
-            if config.selection == "delta_m" and config.single_task
-            else "mean validation loss over tasks"
-        ),
-        f"architecture {config.arch} {config.model_options or ''}; regression loss "
-        f"{config.regression_loss}; loss scale {config.loss_scale or 'none'}",
-        timed_note,
-        *notes,
-    ]
+    setup = setup_fields(config, data, grid_seeds, seconds)
+    all_notes = [timed_note, *notes]
     if config.record_every > 0:
         all_notes.append(
             f"diagnostics sampled every {config.record_every} steps (diagnostics.csv): weights, "
@@ -456,7 +507,9 @@ def run_benchmark(
         )
     files: dict[str, Path] = {}
     if world.main:
-        files = write_outputs(out, data, rows, results, selected, command=command, notes=all_notes)
+        files = write_outputs(
+            out, data, rows, results, selected, command=command, notes=all_notes, setup=setup
+        )
         files["log"] = log_path
     table = format_table(data, rows)
     return BenchResult(data, rows, results, selected, files, seconds, table)

@@ -290,10 +290,13 @@ def write_outputs(
     *,
     command: str,
     notes: Sequence[str] = (),
+    setup: Mapping[str, str] | None = None,
     plots: bool = True,
 ) -> dict[str, Path]:
     """Write results.csv, results.json, report.md, diagnostics.csv (when the runs recorded
-    any) and the PNG plots to ``out_dir``.
+    any) and the PNG plots to ``out_dir``. ``setup`` (``{field: text}``, e.g.
+    :func:`taskbalance.bench.benchmark.setup_fields`) is what produced the numbers: it leads
+    report.md and is kept in results.json.
 
     Returns ``{kind: path}`` of what was written.
     """
@@ -323,6 +326,7 @@ def write_outputs(
     table = format_table(data, rows)
     payload = {
         "command": command,
+        "setup": dict(setup or {}),
         "dataset": {
             "name": data.name,
             "description": data.description,
@@ -357,6 +361,8 @@ def write_outputs(
         f"# taskbalance bench: {data.name}",
         "",
         f"Command: `{command}`",
+        "",
+        *(f"- {key}: {value}" for key, value in (setup or {}).items()),
         "",
         data.description,
         "",

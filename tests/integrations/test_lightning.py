@@ -1,0 +1,153 @@
+"""MultiTaskMixin under a real Lightning Trainer: the same parameters as a hand-written loop with
+the same method, data and optimizer, the method's record in the logged metrics, and the errors
+that name what is wrong."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("lightning")
+
+import lightning.pytorch as L
+from lightning.pytorch.loggers import CSVLogger
+
+from integrations import lightning_models as lm
+from taskbalance.integrations.lightning import MultiTaskMixin
+
+STEPS = 3
+
+
+def assert_same_parameters(trained: lm.Net, reference: lm.Net) -> None:
+    for (name, got), expected in zip(
+        trained.named_parameters(), reference.parameters(), strict=True
+    ):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("imtl_g", {}), ("imtl_l", {}), ("emtl", {}), ("mgda", {"level": "parameter"})],
+)
+def test_trainer_steps_equal_the_hand_written_loop(tmp_path, method, options):
+    model = lm.Net(method, options)
+    trainer = lm.trainer(str(tmp_path), STEPS, logger=CSVLogger(tmp_path))
+    trainer.fit(model, lm.loader(batch_size=8))
+    reference = lm.Net(method, options)
+    infos = lm.hand_loop(reference, STEPS, batch_size=8)
+    assert_same_parameters(model, reference)
+    logged = trainer.logged_metrics
+    for index, task in enumerate(lm.TASKS):
+        expected = float(infos[-1].weights[index])
+        assert float(logged[f"taskbalance/weight/{task}"]) == pytest.approx(expected, rel=1e-9)
+    assert float(logged["taskbalance/loss/b"]) == pytest.approx(float(infos[-1].losses[1]))
+    assert ("taskbalance/cosine/a-b" in logged) == (infos[-1].cosines is not None)
+    assert (tmp_path / "lightning_logs").exists()
+
+
+@pytest.mark.parametrize("method", ["imtl_l", "uw", "imtl_g"])
+def test_gradient_accumulation_averages_each_micro_batch_own_step(tmp_path, method):
+    # The method sees each micro-batch's raw losses (IMTL-L's and UW's learned scales
+    # would change if it saw them divided by the accumulation steps); each update is divided.
+    model = lm.Net(method)
+    trainer = lm.trainer(str(tmp_path), STEPS, logger=False, accumulate_grad_batches=2)
+    trainer.fit(model, lm.loader(batch_size=4))
+    reference = lm.Net(method)
+    lm.hand_loop(reference, STEPS, batch_size=4, accumulate=2)
+    assert_same_parameters(model, reference)
+
+
+@pytest.mark.parametrize("method", [None, "imtl_l"])
+def test_an_adatask_optimizer_takes_the_per_task_gradients(tmp_path, method):
+    model = lm.Net(method, optimizer="adatask")
+    lm.trainer(str(tmp_path), STEPS, logger=False).fit(model, lm.loader(batch_size=8))
+    reference = lm.Net(method, optimizer="adatask")
+    lm.hand_loop(reference, STEPS, batch_size=8)
+    assert_same_parameters(model, reference)
+
+
+def test_manual_optimisation_runs_the_method_through_manual_backward(tmp_path):
+    model = lm.ManualNet("imtl_g")
+    lm.trainer(str(tmp_path), STEPS, logger=False).fit(model, lm.loader(batch_size=8))
+    reference = lm.Net("imtl_g")
+    lm.hand_loop(reference, STEPS, batch_size=8)
+    assert_same_parameters(model, reference)
+
+
+def test_the_method_state_is_in_the_module_state_dict():
+    model = lm.Net("imtl_l")
+    assert "method.scales" in model.state_dict()
+
+
+def test_ddp_leaves_the_method_parameters_and_buffers_to_the_method():
+    assert lm.Net("imtl_l")._ddp_params_and_buffers_to_ignore == ["method.scales"]
+    model = lm.Net("dwa")
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        model, ["heads.0.bias"]
+    )
+    ignored = model._ddp_params_and_buffers_to_ignore
+    assert ignored[0] == "heads.0.bias" and "method.history" in ignored
+
+
+def test_the_mixin_after_lightning_module_is_an_error():
+    class Backwards(L.LightningModule, MultiTaskMixin):
+        pass
+
+    loss = torch.tensor(1.0, requires_grad=True)
+    with pytest.raises(TypeError, match="must come before LightningModule"):
+        Backwards().balance({"a": loss})
+
+
+def test_the_mixin_outside_a_lightning_module_is_an_error():
+    class Plain(MultiTaskMixin, torch.nn.Module):
+        pass
+
+    with pytest.raises(TypeError, match="mixed into a LightningModule"):
+        Plain().balance({"a": torch.tensor(1.0, requires_grad=True)})
+
+
+def test_a_bad_loss_is_reported_by_balance_naming_the_task():
+    with pytest.raises(Exception, match="'b'"):
+        lm.Net("ew").balance({"a": torch.tensor(1.0, requires_grad=True), "b": torch.ones(3)})
+
+
+def test_a_module_without_method_and_plain_optimizer_is_an_error(tmp_path):
+    model = lm.Net(None)
+    with pytest.raises(ValueError, match="no taskbalance method"):
+        lm.trainer(str(tmp_path), 1, logger=False).fit(model, lm.loader(batch_size=8))
+
+
+def test_method_parameters_missing_from_the_optimizer_are_an_error(tmp_path):
+    class Forgetful(lm.Net):
+        def configure_optimizers(self):
+            return torch.optim.SGD([*self.trunk.parameters(), *self.heads.parameters()], lr=0.1)
+
+    with pytest.raises(ValueError, match=r"\['scales'\] of IMTLL are in no optimizer"):
+        lm.trainer(str(tmp_path), 1, logger=False).fit(Forgetful("imtl_l"), lm.loader(8))
+
+
+def test_a_loss_not_from_balance_is_an_error(tmp_path):
+    class Other(lm.Net):
+        def training_step(self, batch, batch_idx):
+            losses, z = self.task_losses(batch)
+            self.balance(losses, features=z)
+            return sum(losses.values())
+
+    with pytest.raises(ValueError, match="does not come from balance"):
+        lm.trainer(str(tmp_path), 1, logger=False).fit(Other("imtl_g"), lm.loader(8))
+
+
+def test_famo_with_manual_updates_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="update='next_step'"):
+        lm.trainer(str(tmp_path), 1, logger=False).fit(lm.Net("famo"), lm.loader(8))
+
+
+def test_missing_lightning_names_the_extra(monkeypatch):
+    for name in ("lightning", "lightning.pytorch", "pytorch_lightning"):
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.delitem(sys.modules, "taskbalance.integrations.lightning")
+    with pytest.raises(ImportError, match=r"pip install 'taskbalance\[lightning\]'"):
+        importlib.import_module("taskbalance.integrations.lightning")

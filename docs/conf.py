@@ -1,0 +1,110 @@
+"""Sphinx configuration of the documentation site.
+
+Build it with ``sphinx-build -W -b html docs docs/_build/html`` (``-W``: a warning fails the
+build, as in the test suite). The pages are Markdown (MyST); the API reference is generated
+from the docstrings by autodoc, whose Google-style sections napoleon reads.
+"""
+
+import os
+import re
+import sys
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent
+sys.path.insert(0, str(DOCS))
+
+import sitegen  # noqa: E402  (found through the path set just above)
+
+import taskbalance  # noqa: E402
+
+project = "taskbalance"
+author = "the taskbalance authors"
+copyright = "2026, the taskbalance authors"
+release = version = taskbalance.__version__
+
+extensions = ["myst_parser", "sphinx.ext.autodoc", "sphinx.ext.napoleon"]
+source_suffix = {".md": "markdown"}
+exclude_patterns = ["_build"]
+html_theme = "furo"
+html_title = f"taskbalance {release}"
+
+myst_heading_anchors = 3
+
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+autodoc_default_options = {"show-inheritance": True}
+# An override without a docstring (``extra_repr``, a class attribute such as ``name``) would
+# repeat torch's or the base class's text on every method page.
+autodoc_inherit_docstrings = False
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+
+sitegen.write_all()
+
+
+def _formulas_verbatim(app, what, name, obj, options, lines):
+    """Show the docstrings' indented formula blocks verbatim.
+
+    The docstrings set formulas apart as an indented block after a blank line (plain text,
+    readable in ``help()``); reStructuredText would parse them as block quotes, where ``|x|``
+    is a substitution and ``*`` emphasis. A bare ``::`` paragraph before such a block, which
+    renders as nothing, makes it a literal block. Runs after napoleon (priority 600), whose
+    sections are by then field lists that no blank line separates from their bodies.
+    """
+    result = []
+    for i, line in enumerate(lines):
+        before = next((p for p in reversed(result) if p.strip()), "")
+        if (
+            line.strip()
+            and i > 0
+            and not lines[i - 1].strip()
+            and _indent(line) > _content_indent(before)
+            and not before.rstrip().endswith("::")
+        ):
+            result += ["::", ""]
+        result.append(line)
+    lines[:] = result
+
+
+def _indent(line):
+    return len(line) - len(line.lstrip())
+
+
+def _content_indent(line):
+    """Where the text of a line starts, past a list marker (``- ``, ``1. ``)."""
+    stripped = line.lstrip()
+    for marker in ("- ", "* ", "+ "):
+        if stripped.startswith(marker):
+            return _indent(line) + len(marker)
+    number, dot, _ = stripped.partition(". ")
+    if dot and number.isdigit():
+        return _indent(line) + len(number) + 2
+    return _indent(line)
+
+
+LINK = re.compile(r"\]\(([^)#:\s]+)\)")
+
+
+def _repository_links(app, relative_path, parent_docname, content):
+    """Keep the included files' links to repository files (not pages) pointing at them.
+
+    README.md links source files relative to the repository root; included into a page in
+    another folder, those paths would point nowhere. Each such link is made relative to the
+    including page, where MyST turns a link to an existing file into a download of it. Links
+    to pages (``.md``) are left to the include's ``relative-docs`` option.
+    """
+    included = (Path(app.srcdir) / relative_path).resolve().parent
+    including = (Path(app.srcdir) / app.env.docname).parent
+
+    def rewrite(match):
+        target = included / match.group(1)
+        if target.suffix == ".md" or not target.exists():
+            return match.group(0)
+        return f"]({os.path.relpath(target, including)})"
+
+    content[0] = LINK.sub(rewrite, content[0])
+
+
+def setup(app):
+    app.connect("autodoc-process-docstring", _formulas_verbatim, priority=600)
+    app.connect("include-read", _repository_links)

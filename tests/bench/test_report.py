@@ -187,3 +187,25 @@ def test_no_diagnostics_means_no_diagnostics_files(tmp_path):
     files = write_outputs(tmp_path, data(), summarize(data(), runs), runs, runs, command="x")
     assert not {"diagnostics", "rt_spread", "au_shares"} & set(files)
     assert not (tmp_path / "rt_spread.png").exists()
+
+
+def test_delta_m_bars_always_and_the_relative_error_map_from_three_tasks(tmp_path):
+    runs = [*stl(0, 0.8, 1.0), *stl(1, 0.8, 1.0), run("ew", 0, {"acc": 0.5, "err": 1.0}),
+            run("ew", 1, {"acc": 0.6, "err": 1.1})]  # fmt: skip
+    rows = summarize(data(), runs)
+    files = write_outputs(tmp_path / "two", data(), rows, runs, runs, command="x")
+    assert files["delta_m"].read_bytes()[:4] == b"\x89PNG" and "relative_error" not in files
+    assert "![delta_m](delta_m.png)" in files["report"].read_text()
+    s = Split(torch.zeros(2, 1), {t: torch.zeros(2) for t in "abc"})
+    three = MultiTaskData(
+        "toy3", tuple(TaskSpec(t, "regression", 1, "mae", False) for t in "abc"), s, s, s, "", ""
+    )
+    runs = [run(f"stl:{t}", 0, {t: 1.0}) for t in "abc"]
+    runs.append(run("ew", 0, {"a": 1.5, "b": 0.5, "c": 1.0}))
+    for r in runs:
+        r.tasks = [t for t in "abc" if t in r.test_metrics]
+        r.history = [{**r.history[0], "val_metric": dict.fromkeys(r.tasks, 1.0),
+                      "weights": dict.fromkeys(r.tasks, 1.0)}]  # fmt: skip
+    rows = summarize(three, runs)
+    files = write_outputs(tmp_path / "three", three, rows, runs, runs, command="x")
+    assert files["relative_error"].read_bytes()[:4] == b"\x89PNG"

@@ -353,7 +353,7 @@ def write_outputs(
     notes = list(notes)
     if plots:
         try:
-            plot_paths = write_plots(out, data, selected)
+            plot_paths = write_plots(out, data, selected, rows)
         except ImportError as error:  # matplotlib is an optional extra: results still count
             notes.append(f"plots skipped: {error} (pip install 'taskbalance[bench]')")
         written.update(plot_paths)
@@ -408,19 +408,51 @@ def _row_dict(row: Row) -> dict[str, Any]:
     }
 
 
+#: The methods of the three seed papers (IMTL, AdaTask, EMTL), highlighted in the plots.
+SEED_METHODS = frozenset({"imtl_l", "imtl_g", "imtl", "emtl", "adatask"})
+
+
+def _is_seed_method(label: str) -> bool:
+    return label.split(":")[0] in SEED_METHODS
+
+
+def robust_limits(values: Sequence[float], quantile: float = 0.05) -> tuple[float, float] | None:
+    """Y-limits that show the bulk of ``values``: from the ``quantile`` to the ``1 - quantile``
+    quantile, widened by half that range on each side, so that one diverging early epoch does
+    not flatten every other curve. ``None`` when there are no finite values.
+
+    >>> [round(v, 6) for v in robust_limits([1.0, 1.1, 1.2, 1.3, 1.4] * 4 + [1000.0])]
+    [0.8, 1.6]
+    """
+    finite = sorted(v for v in values if math.isfinite(v))
+    if not finite:
+        return None
+    k = int(quantile * (len(finite) - 1))
+    low, high = finite[k], finite[len(finite) - 1 - k]
+    pad = 0.5 * (high - low) or abs(high) * 0.05 or 1.0
+    return low - pad, high + pad
+
+
 def write_plots(
-    out_dir: str | os.PathLike[str], data: MultiTaskData, selected: Sequence[RunResult]
+    out_dir: str | os.PathLike[str],
+    data: MultiTaskData,
+    selected: Sequence[RunResult],
+    rows: Sequence[Row] = (),
 ) -> dict[str, Path]:
-    """Validation metric per task vs epoch, the mean task weights per epoch, and, from the
-    runs' diagnostics records, EMTL's ``r_t`` spread over training (every method that recorded
-    it) and AdaTask's AU shares (every ``adatask`` run), first seed of every method, as PNGs
-    (matplotlib, Agg backend). Returns ``{name: path}``."""
+    """The benchmark's figures as PNGs (matplotlib, Agg backend); returns ``{name: path}``.
+
+    From ``rows`` (the table): ``delta_m`` (each method's Delta m % with its spread over seeds,
+    the seed papers' methods highlighted) and, with three tasks or more, ``relative_error`` (a
+    heat map of each method's per-task relative error to the single-task baselines). From the
+    first seed's runs: validation metric per task vs epoch (one legend beside the panels, robust
+    y-limits), the mean task weights per epoch, EMTL's ``r_t`` spread over training (every
+    method that recorded it) and AdaTask's AU shares (every ``adatask`` run)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # 20 distinct colours: QM9 has 11 tasks and the default run 14 methods.
+    # 20 distinct colours: QM9 has 11 tasks and the paper protocol 16 methods.
     colors = plt.get_cmap("tab20").colors
     out = Path(out_dir)
     first_seed = min((r.config["seed"] for r in selected), default=0)
@@ -428,26 +460,40 @@ def write_plots(
     methods = [r for r in runs if not r.label.startswith("stl:")]
     tasks = data.task_names
     paths: dict[str, Path] = {}
+    ranked = [r for r in rows if r.label != STL and r.delta_m.n > 0]
+    if ranked:
+        paths["delta_m"] = _delta_m_bars(plt, ranked, out / "delta_m.png", data.name)
+        if len(tasks) >= 3:
+            paths["relative_error"] = _relative_error_map(plt, data, rows, out)
 
     cols = min(4, len(tasks))
     rows_n = math.ceil(len(tasks) / cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3 * rows_n), squeeze=False)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols + 2.5, 3 * rows_n), squeeze=False)
     for ax, task in zip(axes.flat, tasks, strict=False):
         ax.set_prop_cycle(color=colors)
+        shown: list[float] = []
         for run in methods:
             epochs = [h["epoch"] for h in run.history]
-            ax.plot(epochs, [h["val_metric"][task] for h in run.history], label=run.label)
+            values = [h["val_metric"][task] for h in run.history]
+            shown += values
+            style = "-" if _is_seed_method(run.label) else ":"
+            ax.plot(epochs, values, style, label=run.label, linewidth=1.2)
         for run in runs:
             if run.label == f"stl:{task}":
                 epochs = [h["epoch"] for h in run.history]
                 values = [h["val_metric"][task] for h in run.history]
-                ax.plot(epochs, values, "k--", label="single-task")
+                shown += values
+                ax.plot(epochs, values, "k--", label="single-task", linewidth=1.5)
+        limits = robust_limits(shown)
+        if limits is not None:
+            ax.set_ylim(*limits)
         ax.set_title(f"{task} ({data.task(task).metric}, validation)")
         ax.set_xlabel("epoch")
     for ax in list(axes.flat)[len(tasks) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=6)
-    fig.tight_layout()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 2.3 / (4 * cols + 2.5), 1))
     paths["validation_curves"] = _save_fig(fig, out / "validation_curves.png")
     plt.close(fig)
 
@@ -494,6 +540,66 @@ def write_plots(
         paths["au_shares"] = _save_fig(fig, out / "au_shares.png")
         plt.close(fig)
     return paths
+
+
+def _delta_m_bars(plt: Any, rows: Sequence[Row], path: Path, name: str) -> Path:
+    """Horizontal bars of Delta m % (mean, error bar = std over seeds), best at the top; the
+    seed papers' methods in orange, the others in grey, EW's mean as a dashed line."""
+    order = sorted(rows, key=lambda r: r.delta_m.mean)
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(order) + 1.4))
+    colours = ["tab:orange" if _is_seed_method(r.label) else "tab:gray" for r in order]
+    ax.barh(
+        [r.label for r in order],
+        [r.delta_m.mean for r in order],
+        xerr=[r.delta_m.std if r.delta_m.n > 1 else 0.0 for r in order],
+        color=colours,
+        capsize=3,
+    )
+    ew = next((r for r in rows if r.label == "ew"), None)
+    if ew is not None:
+        ax.axvline(ew.delta_m.mean, color="k", linestyle="--", linewidth=1, label="EW")
+    ax.axvline(0, color="k", linewidth=0.8)
+    ax.invert_yaxis()
+    seeds = max(r.delta_m.n for r in rows)
+    ax.set_xlabel(f"Δm % vs single-task (lower is better; error bars: std over {seeds} seed(s))")
+    ax.set_title(f"{name}: Δm % (orange: IMTL, AdaTask, EMTL)")
+    fig.tight_layout()
+    saved = _save_fig(fig, path)
+    plt.close(fig)
+    return saved
+
+
+def _relative_error_map(plt: Any, data: MultiTaskData, rows: Sequence[Row], out: Path) -> Path:
+    """Methods x tasks heat map of the signed relative difference (%) of each test metric to
+    the single-task baseline's (mean over seeds; positive = worse, as in Delta m)."""
+    tasks = data.task_names
+    stl = next(r for r in rows if r.label == STL)
+    methods = [r for r in rows if r.label != STL]
+    sign = {t: -1.0 if HIGHER_IS_BETTER[data.task(t).metric] else 1.0 for t in tasks}
+    values = [
+        [
+            sign[t] * (r.metrics[t].mean - stl.metrics[t].mean) / stl.metrics[t].mean * 100
+            for t in tasks
+        ]
+        for r in methods
+    ]
+    finite = [abs(v) for row in values for v in row if math.isfinite(v)]
+    limit = (robust_limits(finite) or (0.0, 1.0))[1]
+    fig, ax = plt.subplots(figsize=(0.7 * len(tasks) + 2.5, 0.35 * len(methods) + 1.5))
+    image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
+    ax.set_yticks(range(len(methods)), [r.label for r in methods])
+    for i, row in enumerate(values):
+        for j, value in enumerate(row):
+            if math.isfinite(value):
+                text = str(round(value)) if abs(value) >= 10 else f"{value:.1f}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=6)
+    fig.colorbar(image, ax=ax, label="relative error vs single-task, % (positive = worse)")
+    ax.set_title(f"{data.name}: per-task relative error (test, mean over seeds)")
+    fig.tight_layout()
+    saved = _save_fig(fig, out / "relative_error.png")
+    plt.close(fig)
+    return saved
 
 
 def _series(run: RunResult, metric: str, **keys: Any) -> tuple[list[int], list[float]]:

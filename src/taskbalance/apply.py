@@ -24,8 +24,9 @@ own parameters are not in the user's DDP model, so their gradients are averaged 
 
 from __future__ import annotations
 
+import warnings
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -47,6 +48,12 @@ from taskbalance.engine import (
     task_jacobian,
     to_matrix,
     unique_tensors,
+)
+from taskbalance.engine.gramian_path import (
+    GramianPath,
+    LayerwiseGramian,
+    UncoveredLayerError,
+    plan_layers,
 )
 from taskbalance.engine.requirement import Requirement
 from taskbalance.errors import InvalidLossError, NonFiniteLossError
@@ -164,14 +171,24 @@ class _SharedUpdate:
 
 
 def _shared_update(
-    method: Method, prepared: _Prepared, inputs: tuple[Tensor, ...], mode: JacobianMode
+    method: Method,
+    prepared: _Prepared,
+    inputs: tuple[Tensor, ...],
+    mode: JacobianMode,
+    path: GramianPath = "auto",
+    module: nn.Module | Iterable[Tensor] | Tensor | None = None,
 ) -> _SharedUpdate:
     num_tasks = len(prepared.losses.names)
     ranks = prepared.reducer
     feature_level = method.level == "feature"
+    outputs = prepared.weighted_tasks()
+    if method.requires is Requirement.GRAMIAN:
+        layerwise = _layerwise(method, prepared, outputs, inputs, mode, path, module)
+        if layerwise is not None:
+            return _gramian_update(method, prepared, inputs, layerwise.gramian, layerwise.combine)
     # The blocks never leave this step, so they may live in the method's reused workspace.
     workspace = _WORKSPACES.setdefault(method, Workspace())
-    blocks = task_jacobian(prepared.weighted_tasks(), inputs, mode, workspace)
+    blocks = task_jacobian(outputs, inputs, mode, workspace)
     if ranks is None and all(block is None for block in blocks):
         raise InvalidLossError(
             f"no task loss depends on the {_describe(method)}: pass the tensors the heads read"
@@ -184,16 +201,7 @@ def _shared_update(
         gram = gramian(blocks, num_tasks)
         if ranks is not None and feature_level:
             gram = ranks.sum(gram) / ranks.world_size**2  # K = (1/R^2) sum_r K^r
-        gram = gram / prepared.scale**2
-        if not _finite_or_overflow(prepared, gram):
-            return _SharedUpdate(
-                inputs, combine(torch.ones_like(gram[0]), blocks), None, *_NO_NORMS
-            )
-        norms, cosines = _norms_and_cosines(gram)
-        _check_reachable(method, prepared.losses, norms, inputs)
-        weights = method.shared_weights(prepared.weighted_values(), gram).detach()
-        _check_weights(method, weights, num_tasks)
-        return _SharedUpdate(inputs, combine(weights, blocks), weights, norms, cosines)
+        return _gramian_update(method, prepared, inputs, gram, lambda a: combine(a, blocks))
     matrix = to_matrix(blocks, inputs, num_tasks)
     if ranks is not None and feature_level:
         # The global z is the concatenation of the shards' z^r; dL_t/dz^r = (1/R) dL_t^r/dz^r.
@@ -213,6 +221,80 @@ def _shared_update(
         start = ranks.rank * share
         flat = flat[start : start + share] * ranks.world_size
     return _SharedUpdate(inputs, list(from_matrix(flat, inputs)), None, norms, cosines)
+
+
+def _gramian_update(
+    method: Method,
+    prepared: _Prepared,
+    inputs: tuple[Tensor, ...],
+    gram: Tensor,
+    combination: Callable[[Tensor], list[Tensor | None]],
+) -> _SharedUpdate:
+    """The method's weights from the Gramian of the (loss-scaled) per-task gradients, and
+    ``combination(a)``, the weighted sum of the per-task gradients, as the update."""
+    gram = gram / prepared.scale**2
+    if not _finite_or_overflow(prepared, gram):
+        return _SharedUpdate(inputs, combination(torch.ones_like(gram[0])), None, *_NO_NORMS)
+    norms, cosines = _norms_and_cosines(gram)
+    _check_reachable(method, prepared.losses, norms, inputs)
+    weights = method.shared_weights(prepared.weighted_values(), gram).detach()
+    _check_weights(method, weights, len(prepared.losses.names))
+    return _SharedUpdate(inputs, combination(weights), weights, norms, cosines)
+
+
+_LAYER_WORKSPACES: weakref.WeakKeyDictionary[Method, Workspace] = weakref.WeakKeyDictionary()
+"""One workspace per method for the layerwise Gramian's compact per-task gradients."""
+
+_warned_uncovered: set[str] = set()
+
+
+def _layerwise(
+    method: Method,
+    prepared: _Prepared,
+    outputs: list[Tensor],
+    params: tuple[Tensor, ...],
+    mode: JacobianMode,
+    path: GramianPath,
+    module: nn.Module | Iterable[Tensor] | Tensor | None,
+) -> LayerwiseGramian | None:
+    """The layerwise Gramian when ``path`` asks for it or ``"auto"`` finds it saves work;
+    ``None`` for the Jacobian path. ``module``: what the user passed as ``shared``, to name
+    an uncovered parameter when it is a module."""
+    if path not in ("auto", "jacobian", "layerwise"):
+        raise ValueError(f"gramian_path must be 'auto', 'jacobian' or 'layerwise', got {path!r}")
+    if path == "jacobian" or method.level == "feature":
+        return None
+    if prepared.reducer is not None:
+        if path == "layerwise":
+            raise ValueError(
+                "gramian_path='layerwise' cannot run under torch.distributed: the parameter-level "
+                "Gramian needs the Jacobian averaged over the ranks (use level='feature' for a "
+                "T x T reduction)"
+            )
+        return None
+    plan = plan_layers(outputs, params, force=path == "layerwise")
+    if plan.uncovered:
+        names = [n for n, _ in module.named_parameters()] if isinstance(module, nn.Module) else None
+        listed = "; ".join(item.describe(names) for item in plan.uncovered)
+        if path == "layerwise":
+            raise UncoveredLayerError(
+                f"gramian_path='layerwise': {listed}. Use gramian_path='auto' to take such "
+                "parameters' gradient rows from autograd (exact, their rows materialised)"
+            )
+        if not plan.saves_work:
+            return None
+        if listed not in _warned_uncovered:
+            _warned_uncovered.add(listed)
+            warnings.warn(
+                f"taskbalance: the layerwise Gramian materialises the per-task gradient rows of "
+                f"{listed} (exact; pass gramian_path='jacobian' to silence this warning)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+    elif not plan.saves_work:
+        return None
+    workspace = _LAYER_WORKSPACES.setdefault(method, Workspace())
+    return LayerwiseGramian(outputs, params, plan, mode, workspace)
 
 
 _NO_NORMS = (None, None)
@@ -365,6 +447,7 @@ def backward(
     process_group: dist.ProcessGroup | None = None,
     scaler: GradScaler | None = None,
     on_nonfinite: Literal["raise", "skip"] = "raise",
+    gramian_path: GramianPath = "auto",
 ) -> StepInfo:
     """Fill ``.grad`` for one step of ``method``: the drop-in for ``sum(losses).backward()``.
 
@@ -378,6 +461,15 @@ def backward(
             parameters to the losses.
         jacobian_mode: how per-task gradients are computed, see
             :func:`taskbalance.engine.task_jacobian`.
+        gramian_path: how a Gramian method forms the parameter-level Gramian:
+            ``"jacobian"`` from the ``T x n`` Jacobian's blocks; ``"layerwise"`` layer by
+            layer from the per-task gradients at each layer's output and the layer's input
+            (:mod:`taskbalance.engine.gramian_path`: no Jacobian block for Linear, Conv2d and
+            Embedding layers), raising :class:`~taskbalance.engine.UncoveredLayerError` for
+            a layer it has no rule for; ``"auto"`` (default) layer by layer whenever some
+            layer is cheaper that way (estimated flops), the rows of uncovered layers then
+            taken from autograd with one warning. Ignored at feature level and for Jacobian
+            methods; under torch.distributed ``"auto"`` is the Jacobian path.
         retain_graph: keep the graph after the final backward.
         sync: reduce over the ranks of torch.distributed: ``None`` (default) whenever it is
             initialised with more than one rank, ``True`` always, ``False`` never. Each rank's
@@ -440,7 +532,7 @@ def backward(
         _backward_substituting(prepared, update.inputs, update.update, retain_graph)
         return _finish(method, prepared, update)
     params = _shared_params(method, shared)
-    update = _shared_update(method, prepared, params, jacobian_mode)
+    update = _shared_update(method, prepared, params, jacobian_mode, gramian_path, shared)
     if prepared.reducer is None:
         _backward_except(prepared, params, retain_graph)
         _accumulate(params, update.update)
@@ -460,6 +552,7 @@ def gradients(
     jacobian_mode: JacobianMode = "auto",
     sync: bool | None = None,
     process_group: dist.ProcessGroup | None = None,
+    gramian_path: GramianPath = "auto",
 ) -> tuple[tuple[Tensor | None, ...], StepInfo]:
     """The method's combined gradient of the shared parameters, without touching ``.grad``.
 
@@ -493,7 +586,7 @@ def gradients(
             allow_unused=True,
         )
         return tuple(grads), _info(method, prepared, update)
-    update = _shared_update(method, prepared, params, jacobian_mode)
+    update = _shared_update(method, prepared, params, jacobian_mode, gramian_path, shared)
     return tuple(update.update), _info(method, prepared, update)
 
 

@@ -3,9 +3,16 @@
 From T task losses it computes exactly what a method declares it needs: nothing beyond the
 losses, the Gramian ``K = G G^T`` of the per-task gradients, or the Jacobian ``G`` itself, with
 ``G`` taken w.r.t. the shared parameters (parameter level) or the shared representation z
-(feature level).
+(feature level). The parameter-level Gramian may also be formed layer by layer without the
+Jacobian (:mod:`taskbalance.engine.gramian_path`).
 """
 
+from taskbalance.engine.gramian_path import (
+    GramianPath,
+    LayerwiseGramian,
+    UncoveredLayerError,
+    plan_layers,
+)
 from taskbalance.engine.graph import leaf_tensors, reaches
 from taskbalance.engine.jacobian import (
     JacobianMode,
@@ -25,10 +32,13 @@ from taskbalance.engine.losses import (
 from taskbalance.engine.requirement import Level, Requirement
 
 __all__ = [
+    "GramianPath",
     "JacobianMode",
+    "LayerwiseGramian",
     "Level",
     "Requirement",
     "TaskLosses",
+    "UncoveredLayerError",
     "Workspace",
     "check_finite_losses",
     "collect_losses",
@@ -36,6 +46,7 @@ __all__ = [
     "from_matrix",
     "gramian",
     "leaf_tensors",
+    "plan_layers",
     "reaches",
     "task_jacobian",
     "to_matrix",

@@ -83,13 +83,13 @@ def task_jacobian(
     if mode not in ("auto", "batched", "loop"):
         raise ValueError(f"jacobian mode must be 'auto', 'batched' or 'loop', got {mode!r}")
     try:
-        if mode == "batched" or (mode == "auto" and _batching_pays_off(outputs[0].device)):
+        if mode == "batched" or (mode == "auto" and batching_pays_off(outputs[0].device)):
             try:
                 return _batched(outputs, inputs)
             except RuntimeError as error:
                 if mode == "batched":
                     raise
-                _warn_fallback(error)
+                warn_batching_fallback(error)
         return _loop(outputs, inputs, workspace)
     except RuntimeError as error:
         if "donated buffers" in str(error):
@@ -105,7 +105,7 @@ _DONATED_BUFFERS = (
 )
 
 
-def _batching_pays_off(device: torch.device) -> bool:
+def batching_pays_off(device: torch.device) -> bool:
     """On CPU the loop measured faster than vmap; elsewhere batching saves kernel launches."""
     return device.type != "cpu"
 
@@ -151,7 +151,7 @@ def _loop(
     return blocks
 
 
-def _warn_fallback(error: RuntimeError) -> None:
+def warn_batching_fallback(error: RuntimeError) -> None:
     global _warned_fallback
     if not _warned_fallback:
         _warned_fallback = True

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     import torch.distributed as dist
     from torch.amp import GradScaler
 
+    from taskbalance.engine.gramian_path import GramianPath
     from taskbalance.engine.jacobian import JacobianMode
     from taskbalance.engine.losses import LossesLike
 
@@ -227,6 +228,7 @@ class Method(nn.Module):
         process_group: dist.ProcessGroup | None = None,
         scaler: GradScaler | None = None,
         on_nonfinite: Literal["raise", "skip"] = "raise",
+        gramian_path: GramianPath = "auto",
     ) -> StepInfo:
         """Replace ``sum(losses).backward()``: fill ``.grad`` as this method prescribes.
 
@@ -243,6 +245,7 @@ class Method(nn.Module):
             process_group=process_group,
             scaler=scaler,
             on_nonfinite=on_nonfinite,
+            gramian_path=gramian_path,
         )
 
     def gradients(
@@ -254,6 +257,7 @@ class Method(nn.Module):
         jacobian_mode: JacobianMode = "auto",
         sync: bool | None = None,
         process_group: dist.ProcessGroup | None = None,
+        gramian_path: GramianPath = "auto",
     ) -> tuple[tuple[Tensor | None, ...], StepInfo]:
         """The combined gradient of the shared parameters, without touching ``.grad``.
 
@@ -267,6 +271,7 @@ class Method(nn.Module):
             jacobian_mode=jacobian_mode,
             sync=sync,
             process_group=process_group,
+            gramian_path=gramian_path,
         )
 
     def param_group(self, **options: Any) -> dict[str, Any]:

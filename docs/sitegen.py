@@ -15,7 +15,9 @@ The tests import this module too (tests/docs/), to run every example the site sh
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import os
 import re
 import runpy
@@ -241,7 +243,8 @@ def draw_diagnostics_figure(target: Path) -> None:
         cwd = Path.cwd()
         os.chdir(work)  # the example writes its figure next to itself, as a user's script would
         try:
-            runpy.run_path(str(script), run_name="__main__")
+            with contextlib.redirect_stdout(io.StringIO()):  # its printout is for the reader
+                runpy.run_path(str(script), run_name="__main__")
         finally:
             os.chdir(cwd)
         shutil.copyfile(Path(work) / DIAGNOSTICS_FIGURE, target)

@@ -29,6 +29,7 @@ from taskbalance.methods import (
 from taskbalance.methods.emtl import EMTL, emtl_weights
 from taskbalance.optim import AdaTaskAdagrad, AdaTaskAdam, AdaTaskRMSprop
 
+# The one place the version is set: pyproject.toml (dynamic) and docs/conf.py read it.
 __version__ = "0.1.0"
 
 __all__ = [

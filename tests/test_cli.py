@@ -13,6 +13,7 @@ def test_methods_lists_every_registered_method(capsys):
     out = capsys.readouterr().out
     for name in list_methods():
         assert f"\n{name} " in out
+    assert "\nadatask " in out and "AdaTask Adam optimizer" in out  # the bench accepts it
 
 
 def test_quickstart_trains_and_prints_losses_and_weights(capsys):

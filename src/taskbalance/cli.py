@@ -10,8 +10,16 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from taskbalance.methods.registry import hyperparameters, list_methods, method_class
+
+#: ``taskbalance methods``' row for the bench's pseudo-method (an optimizer, not a registry entry).
+ADATASK_ROW = (
+    "adatask", "task gradients", "parameter", "base='ew' (a loss-level method)",
+    "Yang et al., AAAI 2023: the AdaTask Adam optimizer (bench pseudo-method; "
+    "taskbalance.AdaTaskAdam in code)",
+)  # fmt: skip
 
 
 def _methods(_: argparse.Namespace) -> None:
@@ -25,6 +33,7 @@ def _methods(_: argparse.Namespace) -> None:
         )
         levels = sorted(cls.levels, key=lambda level: level != cls.default_level)
         rows.append((name, cls.requires.value, "/".join(levels) or "-", options or "-", cls.paper))
+    rows.append(ADATASK_ROW)
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)]
@@ -503,12 +512,20 @@ def _compare(args: argparse.Namespace) -> None:
     print(compare_delta_m(base, other, args.names))
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (no usage block): the bad option or value,
+    what is valid, and where the options are listed."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} ('{self.prog} --help' lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``taskbalance`` command."""
-    parser = argparse.ArgumentParser(
-        prog="taskbalance", description="Multi-task optimisation for PyTorch."
+    parser = _Parser(prog="taskbalance", description="Multi-task optimisation for PyTorch.")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     listing = commands.add_parser("methods", help="list the methods with level, needs, paper")
     listing.set_defaults(run=_methods)
     _add_bench(commands)

@@ -142,3 +142,27 @@ def test_paper_protocol_uses_the_whole_data_and_its_methods(dataset, epochs, arc
 
 def test_every_paper_method_exists():
     assert set(PAPER_METHODS) <= set(benchmark.available_methods())
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        ("cagrad:c=abc", "cagrad:c=abc: c must be a number (default 0.5)"),
+        (
+            "imtl_g:level=banana",
+            "imtl_g:level=banana: IMTLG supports level in ['feature', 'parameter'], got 'banana'",
+        ),
+        ("cagrad:c=-1", "cagrad:c=-1: CAGrad: c must be >= 0, got -1"),
+        ("uw:half=3", "uw:half=3: half must be true or false (default False)"),
+        ("adatask:base=mgda", "adatask:base=mgda: base must be a loss-level method; valid: dwa"),
+    ],
+)
+def test_a_bad_hyperparameter_value_is_one_line_naming_it_before_any_data_loads(
+    capsys, monkeypatch, spec, says
+):
+    def no_data(*args, **kwargs):
+        raise AssertionError("data loaded before the options were checked")
+
+    monkeypatch.setattr(benchmark, "load_bench_data", no_data)
+    err = error_of(capsys, "--methods", "ew", spec)
+    assert len(err.strip().splitlines()) == 1 and says in err

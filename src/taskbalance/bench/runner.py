@@ -144,10 +144,15 @@ def parse_method_spec(text: str) -> MethodSpec:
 
     Raises:
         ValueError: an unknown method (the message lists the valid names), an unknown
-            hyperparameter (lists the method's valid ones) or a malformed spec.
+            hyperparameter (lists the method's valid ones), a value the method refuses (names
+            the hyperparameter, the value and what is valid) or a malformed spec.
 
     >>> parse_method_spec("cagrad:c=0.4,level=feature")
     MethodSpec(name='cagrad', options={'c': 0.4, 'level': 'feature'})
+    >>> parse_method_spec("cagrad:c=abc")
+    Traceback (most recent call last):
+    ...
+    ValueError: cagrad:c=abc: c must be a number (default 0.5)
     """
     name, _, rest = text.partition(":")
     name = name.strip()
@@ -167,14 +172,42 @@ def parse_method_spec(text: str) -> MethodSpec:
             f"method {name!r} has no hyperparameter {', '.join(map(repr, unknown))}; "
             f"valid: {', '.join(allowed) or 'none'}"
         )
-    if name == "adatask" and "base" in options:
-        base = options["base"]
+    if name == "adatask":
+        base = options.get("base", "ew")
         loss_level = [m for m in list_methods() if _is_loss_level(m)]
         if base not in loss_level:
             raise ValueError(
-                f"adatask: base must be a loss-level method; valid: {', '.join(loss_level)}"
+                f"adatask:base={base}: base must be a loss-level method; valid: "
+                f"{', '.join(loss_level)}"
             )
+    else:
+        _check_values(name, options)
     return MethodSpec(name, options)
+
+
+def _check_values(name: str, options: Mapping[str, Any]) -> None:
+    """Refuse a value of the wrong kind (a number's default given a word) and any value the
+    method's own constructor refuses, with a message naming the method, the hyperparameter,
+    the value and what is valid: before any data is loaded or any run starts."""
+    defaults = hyperparameters(name)
+    for key, value in options.items():
+        default = defaults[key]
+        kinds = {bool: "true or false", int: "an integer", float: "a number"}
+        kind = type(default)
+        if kind in kinds and default is not None:
+            fits = isinstance(value, bool) if kind is bool else (
+                isinstance(value, int | float) and not isinstance(value, bool)
+                and (kind is float or isinstance(value, int))
+            )  # fmt: skip
+            if not fits:
+                raise ValueError(
+                    f"{name}:{key}={value}: {key} must be {kinds[kind]} (default {default!r})"
+                )
+    try:
+        get_method(name, tasks=2, **options)
+    except (TypeError, ValueError) as error:
+        shown = ",".join(f"{k}={v}" for k, v in options.items())
+        raise ValueError(f"{name}:{shown}: {error}") from None
 
 
 def _is_loss_level(name: str) -> bool:

@@ -49,21 +49,34 @@ def _formulas_verbatim(app, what, name, obj, options, lines):
     readable in ``help()``); reStructuredText would parse them as block quotes, where ``|x|``
     is a substitution and ``*`` emphasis. A bare ``::`` paragraph before such a block, which
     renders as nothing, makes it a literal block. Runs after napoleon (priority 600), whose
-    sections are by then field lists that no blank line separates from their bodies.
+    sections are by then field lists, or directives (``.. attribute::``) whose indented body
+    is left alone.
     """
     result = []
     for i, line in enumerate(lines):
-        before = next((p for p in reversed(result) if p.strip()), "")
+        paragraph = _last_paragraph(result)
         if (
             line.strip()
             and i > 0
             and not lines[i - 1].strip()
-            and _indent(line) > _content_indent(before)
-            and not before.rstrip().endswith("::")
+            and _indent(line) > _content_indent(paragraph[-1])
+            and not paragraph[-1].rstrip().endswith("::")
+            and not paragraph[0].lstrip().startswith(".. ")
         ):
             result += ["::", ""]
         result.append(line)
     lines[:] = result
+
+
+def _last_paragraph(lines):
+    """The last run of non-blank lines (``[""]`` when there is none)."""
+    end = len(lines)
+    while end and not lines[end - 1].strip():
+        end -= 1
+    start = end
+    while start and lines[start - 1].strip():
+        start -= 1
+    return lines[start:end] or [""]
 
 
 def _indent(line):

@@ -11,7 +11,7 @@ from typing import Any
 import lightning.pytorch as L
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import taskbalance
 from taskbalance.integrations.lightning import MultiTaskMixin
@@ -95,6 +95,15 @@ def loader(batch_size: int) -> DataLoader:
     return DataLoader(data(), batch_size=batch_size, shuffle=False)
 
 
+def shard(rank: int, world_size: int, batch_size: int) -> DataLoader:
+    """This rank's contiguous share of each of :func:`loader`'s batches, in order."""
+    share = batch_size // world_size
+    indices = [
+        start + rank * share + i for start in range(0, SAMPLES, batch_size) for i in range(share)
+    ]
+    return DataLoader(Subset(data(), indices), batch_size=share, shuffle=False)
+
+
 def trainer(folder: str, steps: int, **options: Any) -> L.Trainer:
     """A quiet one-process CPU Trainer logging every step into ``folder``."""
     settings: dict[str, Any] = {"accelerator": "cpu", "devices": 1, **options}
@@ -145,3 +154,48 @@ def hand_loop(
             param.grad = total / accumulate
         optimizer.step()
     return infos
+
+
+DDP_CONFIGS: list[tuple[str | None, dict[str, Any], str]] = [
+    ("imtl_g", {}, "sgd"),  # feature level: the T x T Gramian is reduced
+    ("mgda", {"level": "parameter"}, "sgd"),  # parameter level: the Jacobian is reduced
+    ("imtl_l", {}, "sgd"),  # the method's own parameters, left out of DDP, averaged by it
+    ("imtl_l", {}, "adatask"),  # AdaTask: the per-task gradients are reduced
+]
+DDP_STEPS = 3
+
+
+def ddp_worker(rank: int, world_size: int, port: int, configs: list[int], out_file: str) -> None:
+    """One rank of a 2-process Lightning DDP run on CPU (gloo), launched from outside as
+    torchrun would: train the given DDP_CONFIGS entries on this rank's share of each batch, and let
+    rank 0 save the parameters."""
+    import os
+
+    from support.ranks import exit_now
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world_size),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+    )
+    torch.set_num_threads(1)
+    results = []
+    for method, options, optimizer in (DDP_CONFIGS[index] for index in configs):
+        model = Net(method, options, optimizer)
+        fit = trainer(
+            os.path.dirname(out_file),
+            DDP_STEPS,
+            logger=False,
+            strategy="ddp",
+            devices=world_size,
+            use_distributed_sampler=False,  # Lightning's would shuffle
+        )
+        fit.fit(model, shard(rank, world_size, batch_size=8))
+        results.append(parameters(model))
+    if rank == 0:
+        torch.save(results, out_file)
+    torch.distributed.destroy_process_group()
+    exit_now()

@@ -5,10 +5,12 @@ that name what is wrong."""
 from __future__ import annotations
 
 import importlib
+import socket
 import sys
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 pytest.importorskip("lightning")
 
@@ -151,3 +153,27 @@ def test_missing_lightning_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "taskbalance.integrations.lightning")
     with pytest.raises(ImportError, match=r"pip install 'taskbalance\[lightning\]'"):
         importlib.import_module("taskbalance.integrations.lightning")
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [
+        pytest.param([0, 2], id="imtl_g-imtl_l"),
+        pytest.param([1, 3], id="mgda_parameter-adatask", marks=pytest.mark.slow),
+    ],
+)
+def test_two_ddp_ranks_equal_one_process_on_the_joined_batch(tmp_path, configs):
+    port = free_port()
+    out_file = tmp_path / "params.pt"
+    mp.spawn(lm.ddp_worker, args=(2, port, configs, str(out_file)), nprocs=2, join=True)
+    for index, trained in zip(configs, torch.load(out_file), strict=True):
+        reference = lm.Net(*lm.DDP_CONFIGS[index])
+        lm.hand_loop(reference, lm.DDP_STEPS, batch_size=8)
+        for got, expected in zip(trained, lm.parameters(reference), strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -83,8 +83,9 @@ selection: every run keeps the epoch with the best validation criterion, and eve
 
 outputs (--out): results.csv, results.json, report.md, validation_curves.png, task_weights.png,
   rt_spread.png and au_shares.png (from diagnostics sampled every --record-every steps, written
-  to diagnostics.csv), train.log, checkpoints/ (one per run, after every epoch; --resume
-  continues from them).
+  to diagnostics.csv), train.log, checkpoints/ (one per run, written after every epoch so
+  that --resume continues an interrupted run; a finished run's keeps only its result unless
+  --keep-checkpoints).
 
 several processes: torchrun --nproc_per_node 2 $(which taskbalance) bench ... trains every run
   data-parallel (gloo on CPU, one GPU per rank with --device cuda): --batch-size stays the
@@ -337,6 +338,13 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         "--resume", action="store_true", help="continue from the checkpoints in the output folder"
     )
     bench.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep each finished run's trained model, optimizer and method state in its "
+        "checkpoint (default: a finished run's checkpoint keeps only its result, which is all "
+        "--resume needs)",
+    )
+    bench.add_argument(
         "-v",
         "--verbose",
         action="store_true",
@@ -396,6 +404,7 @@ def bench_config(args: argparse.Namespace):
         single_task=not args.no_single_task,
         out_dir=args.out or str(Path("taskbalance-bench") / dataset),
         resume=args.resume,
+        keep_checkpoints=args.keep_checkpoints,
         timing_rounds=max(args.timing_rounds, 0),
         record_every=max(args.record_every, 0),
         selection=args.select,

@@ -307,3 +307,20 @@ def test_famo_gets_the_losses_after_each_step_and_adapts(recwarn):
     runner.run()
     assert not [w for w in recwarn if "update(new_losses) was not called" in str(w.message)]
     assert runner.method.logits.abs().max() > 0  # the logits moved: FAMO adapted its weights
+
+
+def test_a_finished_runs_checkpoint_keeps_only_its_result_unless_asked(tmp_path):
+    data = synthetic()
+    slim = Runner(data, config(), checkpoint=tmp_path / "slim.pt", progress=False).run()
+    full = Runner(
+        data, config(), checkpoint=tmp_path / "full.pt", keep_final_state=True, progress=False
+    ).run()
+    assert slim.test_metrics == full.test_metrics  # the same training (times differ)
+    slim_state = torch.load(tmp_path / "slim.pt", weights_only=True)
+    full_state = torch.load(tmp_path / "full.pt", weights_only=True)
+    assert "model" not in slim_state and "optimizer" not in slim_state
+    assert {"model", "optimizer", "method", "best"} <= set(full_state)
+    assert (tmp_path / "slim.pt").stat().st_size < (tmp_path / "full.pt").stat().st_size / 2
+    for name, result in (("slim.pt", slim), ("full.pt", full)):
+        again = Runner(data, config(), checkpoint=tmp_path / name, resume=True, progress=False)
+        assert again.run() == result

@@ -133,6 +133,9 @@ class BenchConfig:
     grid_seeds: int | None = None
     """Run the learning-rate grid on the first this many seeds only and train the other seeds
     at each method's chosen rate (``None``: the grid on every seed)."""
+    keep_checkpoints: bool = False
+    """Keep every finished run's model, optimizer and method state in its checkpoint; by
+    default a finished run's checkpoint keeps only its result (enough for ``resume``)."""
     protocol: str = "custom"
     """The named protocol these settings came from (:mod:`taskbalance.bench.protocols`), for
     the report; ``"custom"`` when built by hand."""
@@ -453,6 +456,7 @@ def run_benchmark(
                     data, run_config, checkpoint=out / "checkpoints" / f"{name}.pt",
                     resume=config.resume, progress=progress, log=log,
                     record_every=config.record_every,
+                    keep_final_state=config.keep_checkpoints,
                 )  # fmt: skip
                 result = runner.run()
                 done.append(result)

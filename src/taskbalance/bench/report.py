@@ -233,6 +233,45 @@ LEGEND = (
 )
 
 
+#: Pairs of methods whose numbers are identical by construction, and why.
+IDENTICAL_BY_CONSTRUCTION = {
+    frozenset({"uw", "imtl_l"}): "IMTL-L's e^s L - s and UW's (half=False) e^-s L + s are the "
+    "same function under s -> -s, and Adam started from s = 0 follows the mirrored path "
+    "exactly, so the shared model sees the same weights at every step",
+}
+
+
+def identical_rows_notes(rows: Sequence[Row]) -> list[str]:
+    """A note for every group of methods whose table cells are all identical (every task's
+    mean and std and Delta m), saying why where it holds by construction.
+
+    >>> cells = {"a": Cell(1.0, 0.1, 3)}
+    >>> rows = [Row(m, dict(cells), Cell(5.0, 1.0, 3), 1.0, 1.0, 1e-3, [0], "ok")
+    ...         for m in ("ew", "uw", "imtl_l")]
+    >>> rows[0].delta_m = Cell(6.0, 1.0, 3)
+    >>> identical_rows_notes(rows)[0].startswith("uw and imtl_l give identical numbers by constr")
+    True
+    """
+    groups: dict[tuple, list[str]] = {}
+    for row in rows:
+        if row.label == STL or row.delta_m.n == 0:
+            continue
+        key = tuple((c.mean, c.std) for c in (*row.metrics.values(), row.delta_m))
+        groups.setdefault(key, []).append(row.label)
+    notes = []
+    for labels in groups.values():
+        if len(labels) < 2:
+            continue
+        names = " and ".join(labels)
+        reason = IDENTICAL_BY_CONSTRUCTION.get(frozenset(labels))
+        notes.append(
+            f"{names} give identical numbers by construction: {reason}"
+            if reason
+            else f"{names} give identical numbers (every metric of every seed)"
+        )
+    return notes
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as f:
@@ -302,6 +341,7 @@ def write_outputs(
     """
     out = Path(out_dir)
     written: dict[str, Path] = {}
+    notes = [*notes, *identical_rows_notes(rows)]
     hib = {t: HIGHER_IS_BETTER[data.task(t).metric] for t in data.task_names}
     metric_of = {t: data.task(t).metric for t in data.task_names}
     records = results_rows(runs, selected)

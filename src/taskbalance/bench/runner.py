@@ -392,6 +392,9 @@ class Runner:
         progress: show a tqdm bar over epochs.
         log: called with a one-line summary after each epoch.
         record_every: sample the diagnostics every this many steps (``None`` or 0: none).
+        keep_final_state: keep the model, optimizer and method state in the checkpoint of a
+            finished run. By default a finished run's checkpoint keeps only its result (what
+            resuming reads back), a small fraction of the full state.
         dtype: train and evaluate in this floating dtype (default: the data's, float32);
             float64 serves exactness checks (e.g. several ranks against one process).
 
@@ -420,6 +423,7 @@ class Runner:
         progress: bool = True,
         log: Callable[[str], None] | None = None,
         record_every: int | None = None,
+        keep_final_state: bool = False,
         dtype: torch.dtype | None = None,
     ) -> None:
         if dtype is not None:
@@ -483,6 +487,7 @@ class Runner:
         self.progress = progress and self.world.main
         self.log = log if self.world.main else None
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
+        self.keep_final_state = keep_final_state
         self._train = self._to_device(data.train)
         if resume and self.checkpoint is not None and self.checkpoint.exists():
             try:
@@ -536,24 +541,32 @@ class Runner:
                 f"the checkpoint was written for other data (fingerprint {state['data']}, this "
                 f"run's data {self.data.fingerprint}: another data set, split or training size)"
             )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.method.load_state_dict(state["method"])
         self.epoch = state["epoch"]
-        self.best = state["best"]
         self.history = list(state["history"])
         self.status = state["status"]
         self.diverged_epoch = state["diverged_epoch"]
+        self.result = None if state["result"] is None else RunResult.from_dict(state["result"])
+        if "model" not in state:  # a finished run's checkpoint holds only its result
+            return
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.method.load_state_dict(state["method"])
+        self.best = state["best"]
         self.step_times = list(state["step_times"])
         torch.set_rng_state(state["rng"]["torch"])
         self.shuffle.set_state(state["rng"]["shuffle"])
-        self.result = None if state["result"] is None else RunResult.from_dict(state["result"])
         if self.recorder is not None and state.get("recorder") is not None:
             self.recorder.load_state_dict(state["recorder"])
 
     def _save(self) -> None:
-        if self.checkpoint is not None and self.world.main:
-            _atomic_save(self.state_dict(), self.checkpoint)
+        if self.checkpoint is None or not self.world.main:
+            return
+        state = self.state_dict()
+        if self.result is not None and not self.keep_final_state:
+            # Finished: resuming needs only the result; the weights and moments are dropped.
+            state = {k: state[k] for k in ("version", "config", "data", "epoch", "history",
+                                          "status", "diverged_epoch", "result")}  # fmt: skip
+        _atomic_save(state, self.checkpoint)
 
     # -- training -----------------------------------------------------------------------------
     def _losses(self, outputs: Mapping[str, Tensor], y: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -48,12 +48,20 @@ NEEDS = {
     "jacobian": "the T x n Jacobian of the per-task gradients",
 }
 AUTOMODULE = re.compile(r"^\s*\.\. automodule:: ([\w.]+)", re.MULTILINE)
-FENCE = re.compile(r"^```python[^\n]*\n(.*?)^```\s*$", re.MULTILINE | re.DOTALL)
+FENCE = re.compile(r"^```(python|diff)[^\n]*\n(.*?)^```\s*$", re.MULTILINE | re.DOTALL)
 
 
-def python_blocks(markdown: str) -> list[str]:
-    """The ```python fenced blocks of a Markdown text, in order."""
-    return FENCE.findall(markdown)
+def examples(markdown: str) -> list[str]:
+    """The Python code a Markdown text shows, in order: its ```python blocks, and the new side
+    of its ```diff blocks (the README shows its main example as a change to a training loop)."""
+    return [
+        code if language == "python" else _after(code) for language, code in FENCE.findall(markdown)
+    ]
+
+
+def _after(diff: str) -> str:
+    """The lines a diff keeps or adds, without their markers."""
+    return "".join(line[1:] or "\n" for line in diff.splitlines(True) if line[:1] in " +\n")
 
 
 def ordered_methods() -> list[str]:
@@ -236,7 +244,7 @@ def figures_page() -> str:
 
 def draw_diagnostics_figure(target: Path) -> None:
     """Run the diagnostics page's first example, which saves its plot, and keep the plot."""
-    (example,) = python_blocks(DIAGNOSTICS_PAGE.read_text(encoding="utf-8"))[:1]
+    (example,) = examples(DIAGNOSTICS_PAGE.read_text(encoding="utf-8"))[:1]
     with tempfile.TemporaryDirectory() as work:
         script = Path(work) / "example.py"
         script.write_text(example, encoding="utf-8")

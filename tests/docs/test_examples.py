@@ -1,4 +1,5 @@
-"""Every Python example the documentation site shows runs, without a warning.
+"""Every Python example the documentation site shows runs, without a warning (a diff: its
+new side).
 
 The site's pages are the Markdown files under docs/ (the generated method pages included, as
 the generator makes them now), README.md and CHANGELOG.md, which the site includes. The pages
@@ -39,7 +40,7 @@ def _pages() -> list[tuple[str, str, bool]]:
 BLOCKS = [
     {"id": f"{name}:{number}", "code": code, "prelude": not standalone}
     for name, text, standalone in _pages()
-    for number, code in enumerate(sitegen.python_blocks(text), start=1)
+    for number, code in enumerate(sitegen.examples(text), start=1)
 ]
 
 

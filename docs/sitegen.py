@@ -173,7 +173,7 @@ def method_page(name: str) -> str:
     notes = _notes_page(name)
     if notes:
         lines += [
-            f"More notes, with the tests that hold the choices: [{notes}](../../{notes}).",
+            f"More notes, with the tests that hold the choices: [](../../{notes}).",
             "",
         ]
     lines += ["## Example", "", "```python", method_example(name).rstrip(), "```", ""]
@@ -198,7 +198,7 @@ def methods_index() -> str:
 
     names = ordered_methods()
     lines = [
-        "# Methods",
+        "# Method pages",
         "",
         "Every method the registry knows (`taskbalance.list_methods()`), one page each: the",
         "paper, what it needs from the gradient engine, its levels, hyperparameters, a runnable",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import io
 import os
 import re
@@ -136,8 +137,7 @@ def _notes_page(name: str) -> str | None:
 
 
 def _default(argument: str, value: object, default_level: str | None) -> str:
-    import inspect
-
+    """A hyperparameter's default as the table shows it."""
     if value is inspect.Parameter.empty:
         return "required"
     if argument == "level" and value is None:
@@ -192,8 +192,6 @@ def method_page(name: str) -> str:
 
 def methods_index() -> str:
     """The overview page: one row per method, and the table of contents of their pages."""
-    import importlib as _importlib
-
     from taskbalance.methods.registry import method_class
 
     names = ordered_methods()
@@ -210,7 +208,7 @@ def methods_index() -> str:
     ]
     for name in names:
         cls = method_class(name)
-        title = _title(_importlib.import_module(cls.__module__).__doc__)
+        title = _title(importlib.import_module(cls.__module__).__doc__)
         lines.append(
             f"| [{title}]({name}.md) | {cls.paper} | {cls.requires.value} "
             f"| {cls.default_level or '-'} |"

@@ -1,0 +1,211 @@
+"""Hugging Face Transformers: a ``Trainer`` whose backward is a taskbalance method's.
+
+The model's forward returns, next to anything else, its task losses under ``task_losses``
+(``{task: scalar loss}``, each a mean over the batch) and, for a feature-level method, the
+shared representation its heads read under ``features``; a dict or a ``ModelOutput`` with those
+fields. Then::
+
+    trainer = MultiTaskTrainer(
+        model=model, args=TrainingArguments(...), train_dataset=dataset,
+        method=taskbalance.IMTL(tasks=["sentiment", "topic"]),
+    )
+    trainer.train()
+
+:class:`MultiTaskTrainer` replaces the Trainer's ``training_step``: the forward runs as the
+Trainer runs it (input preparation, autocast), the losses go through ``method.backward`` with
+the Trainer's gradient-accumulation factor and mixed-precision scaler applied to the gradients
+(never to what the method sees), and everything after (clipping, optimizer and scheduler steps,
+logging, checkpoints) is the Trainer's. The method's own parameters are added to the optimizer
+the Trainer creates. Each logged training entry gains the method's record averaged over the
+steps since the previous one, under ``taskbalance/...`` (see
+:func:`taskbalance.integrations.step_metrics`).
+
+With an AdaTask optimizer (``optimizers=(taskbalance.AdaTaskAdam(...), None)``) the step calls
+``optimizer.backward(losses, method=...)`` instead (no gradient accumulation, no fp16).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from taskbalance.integrations.common import (
+    check_in_optimizers,
+    check_method,
+    method_backward,
+    missing_extra,
+    step_metrics,
+)
+from taskbalance.methods.ew import EW
+from taskbalance.optim.adatask import AdaTaskOptimizer
+
+try:
+    from transformers import Trainer, TrainerCallback
+except ImportError as error:
+    raise missing_extra("Hugging Face Transformers", "hf", error) from error
+
+if TYPE_CHECKING:
+    from taskbalance.apply import StepInfo
+    from taskbalance.methods.base import Method
+
+__all__ = ["MultiTaskTrainer", "task_outputs"]
+
+
+def task_outputs(outputs: Any) -> tuple[Mapping[str, Tensor], Tensor | None]:
+    """The task losses and the shared features in a model's output.
+
+    Args:
+        outputs: what the model's forward returned: a dict or a ``ModelOutput`` with
+            ``task_losses`` (``{task: scalar loss}``) and, optionally, ``features``.
+
+    Raises:
+        ValueError: the output has no ``task_losses`` dict (the message lists what it has).
+
+    >>> losses, features = task_outputs({"task_losses": {"a": torch.tensor(1.0)}})
+    >>> list(losses), features
+    (['a'], None)
+    """
+    if not isinstance(outputs, Mapping):
+        raise ValueError(
+            "MultiTaskTrainer needs the model to return a dict (or ModelOutput) with "
+            f"'task_losses' ({{task: scalar loss}}), got a {type(outputs).__name__}"
+        )
+    losses = outputs.get("task_losses")
+    if not isinstance(losses, Mapping):
+        found = "no 'task_losses'" if losses is None else f"a {type(losses).__name__}"
+        raise ValueError(
+            "MultiTaskTrainer needs the model's output to hold 'task_losses', a dict "
+            f"{{task: scalar loss}}; it has {found} (keys: {list(outputs.keys())})"
+        )
+    return losses, outputs.get("features")
+
+
+class MultiTaskTrainer(Trainer):
+    """A ``transformers.Trainer`` that trains on several task losses with a taskbalance method.
+
+    Args:
+        *args, **kwargs: the ``Trainer``'s arguments (``model``, ``args``, ``train_dataset``,
+            ``optimizers``, ...).
+        method: the balancing method (a registry method or an instance); default equal
+            weighting. With an AdaTask optimizer: a loss-level method or None.
+        shared: for a parameter-level method, the name of the shared submodule (e.g.
+            ``"bert"``); default the model's ``base_model`` when it is a submodule of it.
+
+    The method lives next to the model (on its device), not in it: save ``trainer.method``'s
+    ``state_dict`` with your checkpoints when the method keeps state.
+    """
+
+    def __init__(
+        self, *args: Any, method: Method | None = None, shared: str | None = None, **kwargs: Any
+    ) -> None:
+        self.method = EW() if method is None else method
+        check_method(self.method)
+        self.shared_name = shared
+        self._sums: dict[str, Tensor] = {}
+        self._counts: dict[str, int] = {}
+        super().__init__(*args, **kwargs)
+        if self.args.n_gpu > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise NotImplementedError(
+                "MultiTaskTrainer supports one process or DistributedDataParallel, not "
+                "DataParallel (several GPUs in one process), DeepSpeed or FSDP"
+            )
+        self.method.to(self.args.device)
+        self.add_callback(_ClearMethodGrads(self.method))
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, plus the method's parameters (``method.param_group()``)."""
+        created = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        if created and any(True for _ in self.method.parameters()):
+            optimizer.add_param_group(self.method.param_group())
+        return optimizer
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Tensor | Any],
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> Tensor:
+        """One forward, the method's backward; returns the summed task losses (detached,
+        divided by the accumulation steps as the Trainer's own step returns its loss).
+
+        The task losses are taken as means over this batch: ``num_items_in_batch`` is not
+        passed to the model.
+        """
+        model.train()
+        if callable(getattr(self.optimizer, "train", None)):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            outputs = model(**inputs)
+        losses, features = task_outputs(outputs)
+        factor = 1.0 / self.current_gradient_accumulation_steps
+        info = self._backward(model, losses, features, factor)
+        self._add(step_metrics(info))
+        total = torch.stack([loss.detach().reshape(()) for loss in losses.values()]).sum()
+        return total * factor
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The Trainer's log; a training entry (one with ``loss``) also gets the method's
+        record averaged over the steps since the previous one."""
+        if "loss" in logs and self._counts:
+            logs.update({name: float(self._sums[name]) / n for name, n in self._counts.items()})
+            self._sums.clear()
+            self._counts.clear()
+        super().log(logs, *args, **kwargs)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _backward(
+        self,
+        model: nn.Module,
+        losses: Mapping[str, Tensor],
+        features: Tensor | None,
+        factor: float,
+    ) -> StepInfo:
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+        check_in_optimizers(self.method, optimizer.param_groups)
+        amp = self.accelerator.scaler
+        if isinstance(optimizer, AdaTaskOptimizer):
+            if factor != 1 or (amp is not None and amp.is_enabled()):
+                raise ValueError(
+                    "AdaTask optimizers take the per-task gradients unscaled: train them "
+                    "without gradient accumulation (gradient_accumulation_steps=1) and fp16"
+                )
+            return optimizer.backward(dict(losses), method=self.method)
+        shared = self._shared(model) if self.method.level == "parameter" else None
+        return method_backward(
+            self.method, dict(losses), shared=shared, features=features, factor=factor, amp=amp
+        )
+
+    def _shared(self, model: nn.Module) -> nn.Module:
+        unwrapped = self.accelerator.unwrap_model(model)
+        if self.shared_name is not None:
+            return unwrapped.get_submodule(self.shared_name)
+        base = getattr(unwrapped, "base_model", None)
+        if isinstance(base, nn.Module) and base is not unwrapped:
+            return base
+        raise ValueError(
+            f"{type(self.method).__name__}(level='parameter') needs the shared part: "
+            "MultiTaskTrainer(..., shared='<name of the shared submodule>')"
+        )
+
+    def _add(self, metrics: dict[str, Tensor]) -> None:
+        """Sum the step's metrics on their device (no synchronisation until a log)."""
+        for name, value in metrics.items():
+            self._sums[name] = self._sums[name] + value if name in self._sums else value
+            self._counts[name] = self._counts.get(name, 0) + 1
+
+
+class _ClearMethodGrads(TrainerCallback):
+    """Clears the method's gradients after each optimizer step: the Trainer clears only the
+    model's (``model.zero_grad()``), and the method is not in the model."""
+
+    def __init__(self, method: Method) -> None:
+        self.method = method
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Called by the Trainer after the optimizer's step."""
+        self.method.zero_grad()

@@ -28,6 +28,7 @@ exclude_patterns = ["_build"]
 html_theme = "furo"
 html_title = f"taskbalance {release}"
 
+# Anchors for "##" and "###" headings, so that a link to a section (results.md#qm9) resolves.
 myst_heading_anchors = 3
 
 autodoc_member_order = "bysource"

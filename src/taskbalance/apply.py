@@ -116,14 +116,18 @@ class _Prepared:
     reducer: Reducer | None
     scale: float
     """A GradScaler's loss scale ``S`` (1 without one): back-propagated values carry it."""
+    unit: bool = False
+    """The loss weights are ones by construction (the method has no loss level)."""
 
     def weighted_values(self) -> Tensor:
         """``w_t L_t``, detached: the losses a gradient-level method is shown."""
-        return (self.loss_weights * self.seen).detach()
+        return self.seen if self.unit else (self.loss_weights * self.seen).detach()
 
     def weighted_tasks(self) -> list[Tensor]:
         """``S w_t L_t`` task by task, each in its own task's graph only (no stack that would
         tie every task's backward to every head): what per-task gradients are taken of."""
+        if self.unit and self.scale == 1:
+            return [loss if loss.dim() == 0 else loss.reshape(()) for loss in self.losses.tensors]
         weights = self.loss_weights * self.scale if self.scale != 1 else self.loss_weights
         pairs = zip(weights.unbind(), self.losses.tensors, strict=True)
         return [weight * loss.reshape(()) for weight, loss in pairs]
@@ -140,19 +144,23 @@ def _prepare(
         seen = ranks.mean(seen)
         check_finite_losses(checked.names, seen)
     method.bind_tasks(checked.names, checked.from_mapping)
-    loss_weights, offsets = method.loss_weights(seen)
-    if loss_weights.shape != seen.shape:
-        raise RuntimeError(
-            f"{type(method).__name__}.loss_weights returned shape {tuple(loss_weights.shape)} "
-            f"for {seen.numel()} tasks"
-        )
-    scaled = loss_weights * checked.values
-    total = scaled.sum() if offsets is None else (scaled + offsets).sum()
+    unit = method.unit_loss_weights
+    if unit:  # no multiplication by ones on the per-step path
+        loss_weights, total = torch.ones_like(seen), checked.values.sum()
+    else:
+        loss_weights, offsets = method.loss_weights(seen)
+        if loss_weights.shape != seen.shape:
+            raise RuntimeError(
+                f"{type(method).__name__}.loss_weights returned shape "
+                f"{tuple(loss_weights.shape)} for {seen.numel()} tasks"
+            )
+        scaled = loss_weights * checked.values
+        total = scaled.sum() if offsets is None else (scaled + offsets).sum()
     scale = 1.0
     if scaler is not None and scaler.is_enabled():
         total = scaler.scale(total)  # also starts the scaler's bookkeeping for scaler.step
         scale = scaler.get_scale()
-    return _Prepared(checked, seen, loss_weights, total, ranks, scale)
+    return _Prepared(checked, seen, loss_weights, total, ranks, scale, unit)
 
 
 _WORKSPACES: weakref.WeakKeyDictionary[Method, Workspace] = weakref.WeakKeyDictionary()
@@ -209,8 +217,10 @@ def _shared_update(
     matrix = matrix / prepared.scale
     if not _finite_or_overflow(prepared, matrix):
         return _SharedUpdate(inputs, combine(torch.ones(num_tasks), blocks), None, *_NO_NORMS)
-    norms, cosines = _norms_and_cosines(matrix @ matrix.T)
+    gram = matrix @ matrix.T
+    norms = _norms(gram)
     _check_reachable(method, prepared.losses, norms, inputs)
+    cosines = _cosines(gram, norms)
     flat = method.aggregate(prepared.weighted_values(), matrix).detach() * prepared.scale
     if flat.shape != (matrix.shape[1],) or not torch.isfinite(flat).all():
         raise RuntimeError(f"{type(method).__name__}.aggregate returned a bad update")
@@ -232,11 +242,16 @@ def _gramian_update(
 ) -> _SharedUpdate:
     """The method's weights from the Gramian of the (loss-scaled) per-task gradients, and
     ``combination(a)``, the weighted sum of the per-task gradients, as the update."""
-    gram = gram / prepared.scale**2
-    if not _finite_or_overflow(prepared, gram):
-        return _SharedUpdate(inputs, combination(torch.ones_like(gram[0])), None, *_NO_NORMS)
-    norms, cosines = _norms_and_cosines(gram)
-    _check_reachable(method, prepared.losses, norms, inputs)
+    if prepared.scale != 1:
+        gram = gram / prepared.scale**2
+    norms = _norms(gram)
+    # One device round trip in the common case: a finite Gramian, no zero task gradient.
+    healthy = bool(torch.isfinite(gram).all() & (norms > 0).all())
+    if not healthy:
+        if not _finite_or_overflow(prepared, gram):
+            return _SharedUpdate(inputs, combination(torch.ones_like(gram[0])), None, *_NO_NORMS)
+        _check_reachable(method, prepared.losses, norms, inputs)
+    cosines = _cosines(gram, norms, nonzero=healthy)
     weights = method.shared_weights(prepared.weighted_values(), gram).detach()
     _check_weights(method, weights, len(prepared.losses.names))
     return _SharedUpdate(inputs, combination(weights), weights, norms, cosines)
@@ -319,17 +334,25 @@ def _describe(method: Method) -> str:
     return "features z" if method.level == "feature" else "shared parameters"
 
 
-def _norms_and_cosines(gram: Tensor) -> tuple[Tensor, Tensor]:
-    norms = gram.diagonal().clamp_min(0).sqrt()
+def _norms(gram: Tensor) -> Tensor:
+    """The per-task gradient norms (the Gramian carries no graph: no detach needed)."""
+    return gram.diagonal().clamp_min(0).sqrt()
+
+
+def _cosines(gram: Tensor, norms: Tensor, nonzero: bool = False) -> Tensor:
+    """The T x T cosines, 0 where a gradient is zero; ``nonzero``: no norm is zero (known)."""
     outer = norms[:, None] * norms[None, :]
-    cosines = torch.where(outer > 0, gram / outer.clamp_min(torch.finfo(gram.dtype).tiny), 0.0)
-    return norms.detach(), cosines.detach()
+    if nonzero:
+        return gram / outer
+    return torch.where(outer > 0, gram / outer.clamp_min(torch.finfo(gram.dtype).tiny), 0.0)
 
 
 def _check_reachable(
     method: Method, losses: TaskLosses, norms: Tensor, inputs: tuple[Tensor, ...]
 ) -> None:
     """A zero gradient is legitimate; a task whose loss never reaches the inputs is a bug."""
+    if bool((norms > 0).all()):
+        return
     for index in (norms == 0).nonzero().flatten().tolist():
         if not reaches(losses.tensors[index], inputs):
             name = losses.names[index]
@@ -641,8 +664,10 @@ def task_gradients(
         blocks = list(from_matrix(matrix, params))
     if all(block is None for block in blocks):
         raise InvalidLossError("no task loss depends on the shared parameters")
-    norms, cosines = _norms_and_cosines(gramian(blocks, num_tasks))
+    gram = gramian(blocks, num_tasks)
+    norms = _norms(gram)
     _check_reachable(method, prepared.losses, norms, params)
+    cosines = _cosines(gram, norms)
     if prepared.reducer is None:
         _backward_except(prepared, params, retain_graph)
     else:

@@ -50,7 +50,9 @@ from taskbalance.engine.jacobian import (
     JacobianMode,
     Workspace,
     batching_pays_off,
+    seed_one,
     warn_batching_fallback,
+    weighted_rows,
 )
 
 GramianPath = Literal["auto", "jacobian", "layerwise"]
@@ -378,7 +380,10 @@ class LayerwiseGramian:
                     raise
                 warn_batching_fallback(error)
         if passes is None:
-            passes = ((slice(t, t + 1), _task_grads(out, edges)) for t, out in enumerate(outputs))
+            one = seed_one(outputs[0])
+            passes = (
+                (slice(t, t + 1), _task_grads(out, edges, one)) for t, out in enumerate(outputs)
+            )
         for tasks, grads in passes:
             for j, grad in enumerate(grads):
                 if grad is None:
@@ -440,7 +445,7 @@ class LayerwiseGramian:
         for layer, dy in zip(self.plan.rows, self._out_grads, strict=True):
             if dy is None:
                 continue
-            mixed = torch.tensordot(weights.to(dy.dtype), dy, dims=1)  # R x out
+            mixed = weighted_rows(weights, dy)  # R x out
             if layer.weight is not None:
                 grad = mixed.T @ layer.rows if layer.transposed else layer.rows.T @ mixed
                 update[layer.weight] = (grad * layer.alpha).reshape(layer.weight_shape)
@@ -450,11 +455,11 @@ class LayerwiseGramian:
             if table is None:
                 continue
             full = table.new_zeros(layer.weight_shape)
-            full.index_add_(0, layer.unique, torch.tensordot(weights.to(table.dtype), table, 1))
+            full.index_add_(0, layer.unique, weighted_rows(weights, table))
             update[layer.weight] = full
         for i, block in zip(self.plan.direct, self._direct, strict=True):
             if block is not None:
-                update[i] = torch.tensordot(weights.to(block.dtype), block, dims=1)
+                update[i] = weighted_rows(weights, block)
         return update
 
 
@@ -463,8 +468,12 @@ def _upcast(tensor: Tensor) -> Tensor:
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
 
 
-def _task_grads(output: Tensor, edges: list[GradientEdge | Tensor]) -> list[Tensor | None]:
-    grads = torch.autograd.grad(output, edges, retain_graph=True, allow_unused=True)
+def _task_grads(
+    output: Tensor, edges: list[GradientEdge | Tensor], one: Tensor
+) -> list[Tensor | None]:
+    grads = torch.autograd.grad(
+        output, edges, grad_outputs=one, retain_graph=True, allow_unused=True
+    )
     return [None if g is None else g.unsqueeze(0) for g in grads]
 
 

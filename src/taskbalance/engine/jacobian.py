@@ -131,8 +131,11 @@ def _loop(
     # one task's gradients live beside the Jacobian (peak memory about (1 + 1/T) times it).
     num_tasks = len(outputs)
     blocks: Blocks = [None] * len(inputs)
+    one = seed_one(outputs[0])
     for task, output in enumerate(outputs):
-        grads = torch.autograd.grad(output, inputs, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(
+            output, inputs, grad_outputs=one, retain_graph=True, allow_unused=True
+        )
         for i, grad in enumerate(grads):
             block = blocks[i]
             if grad is None:
@@ -149,6 +152,12 @@ def _loop(
             block[task].copy_(grad)
         del grads
     return blocks
+
+
+def seed_one(output: Tensor) -> Tensor:
+    """The seed ``d loss / d loss = 1``, made once for every task's pass (autograd would
+    otherwise allocate one per pass)."""
+    return torch.ones((), dtype=output.dtype, device=output.device)
 
 
 def warn_batching_fallback(error: RuntimeError) -> None:
@@ -194,10 +203,12 @@ def combine(weights: Tensor, blocks: Blocks) -> list[Tensor | None]:
     >>> combine(torch.tensor([1.0, 2.0]), [torch.tensor([[1.0, 0.0], [0.0, 1.0]]), None])
     [tensor([1., 2.]), None]
     """
-    return [
-        None if block is None else torch.tensordot(weights.to(block.dtype), block, dims=1)
-        for block in blocks
-    ]
+    return [None if block is None else weighted_rows(weights, block) for block in blocks]
+
+
+def weighted_rows(weights: Tensor, block: Tensor) -> Tensor:
+    """``sum_t weights[t] block[t]`` as one matrix-vector product (no tensordot wrapper)."""
+    return (weights.to(block.dtype) @ block.reshape(block.shape[0], -1)).reshape(block.shape[1:])
 
 
 def to_matrix(blocks: Blocks, inputs: Sequence[Tensor], num_tasks: int) -> Tensor:

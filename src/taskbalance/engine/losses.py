@@ -67,7 +67,7 @@ def collect_losses(
         raise InvalidLossError(
             f"the task losses live on different devices: {sorted(map(str, devices))}"
         )
-    values = torch.stack([loss.reshape(()) for loss in tensors])
+    values = torch.stack([loss if loss.dim() == 0 else loss.reshape(()) for loss in tensors])
     if values.dtype in (torch.float16, torch.bfloat16):
         values = values.float()  # loss weights and solves are ill-served by half precision
     if check_finite:
@@ -80,6 +80,8 @@ def check_finite_losses(names: Sequence[str], values: Tensor) -> None:
 
     >>> check_finite_losses(["a"], torch.tensor([1.0]))  # fine: returns None
     """
+    if bool(torch.isfinite(values).all()):  # one kernel and one round trip when all is well
+        return
     values = values.detach()
     bad = ~torch.isfinite(values)
     if bad.any():

@@ -184,6 +184,17 @@ class Method(nn.Module):
         self._task_names = state["task_names"] or self._task_names
         self.skipped_steps = state.get("skipped_steps", 0)
 
+    @property
+    def unit_loss_weights(self) -> bool:
+        """Whether ``loss_weights`` is ``(ones, None)`` by construction (the default is not
+        overridden), so that the engine may skip it and the multiplications by one.
+
+        >>> from taskbalance import EW, IMTLG, IMTLL
+        >>> IMTLG().unit_loss_weights, EW().unit_loss_weights, IMTLL(tasks=2).unit_loss_weights
+        (True, True, False)
+        """
+        return type(self).loss_weights is Method.loss_weights
+
     # -- the maths (override) ---------------------------------------------------------------
     def loss_weights(self, losses: Tensor) -> tuple[Tensor, Tensor | None]:
         """Per-task loss weights ``w`` and offsets ``c``, so that ``L'_t = w_t L_t + c_t``.

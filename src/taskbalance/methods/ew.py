@@ -38,6 +38,11 @@ class EW(Method):
             raise ValueError(f"EW: reduction must be 'sum' or 'mean', got {reduction!r}")
         self.reduction = reduction
 
+    @property
+    def unit_loss_weights(self) -> bool:
+        """The sum's weights are ones: the engine skips them."""
+        return self.reduction == "sum"
+
     def loss_weights(self, losses: Tensor) -> tuple[Tensor, Tensor | None]:
         """Ones, or ``1/T`` for the mean."""
         weight = 1.0 if self.reduction == "sum" else 1.0 / losses.numel()

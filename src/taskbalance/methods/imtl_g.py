@@ -56,18 +56,31 @@ def imtl_g_weights(gramian: Tensor) -> Tensor:
     num_tasks = k.shape[0]
     norms = k.diagonal().clamp_min(0).sqrt()
     alive = norms > 0
-    if not alive.any():
-        return torch.full((num_tasks,), 1.0 / num_tasks, dtype=gramian.dtype, device=gramian.device)
-    d = norms[alive]
-    cosines = k[alive][:, alive] / (d[:, None] * d[None, :])
+    # A zero gradient's row and column of C are set to zero instead of being cut out: the
+    # pseudo-inverse of the padded matrix is that of the live block padded with zeros, so
+    # b is the same, and the step needs no boolean indexing (a device round trip each).
+    inverse_norms = torch.where(alive, 1.0 / torch.where(alive, norms, 1.0), 0.0)
+    cosines = k * inverse_norms[:, None] * inverse_norms[None, :]
     rtol = num_tasks * torch.finfo(gramian.dtype).eps
-    b = torch.linalg.pinv(cosines, rtol=rtol, hermitian=True).sum(dim=1)
-    x = torch.zeros_like(norms)
-    x[alive] = b / d
+    b = _pinv_row_sums(cosines, rtol)
+    x = b * inverse_norms
     total = x.sum()
-    if not (b.abs().sum() > _DEGENERATE and total.abs() > _DEGENERATE * x.abs().sum()):
-        return (alive / alive.sum()).to(gramian.dtype)
+    if not bool((b.abs().sum() > _DEGENERATE) & (total.abs() > _DEGENERATE * x.abs().sum())):
+        count = alive.sum()
+        equal = alive / count if bool(count > 0) else torch.full_like(norms, 1.0 / num_tasks)
+        return equal.to(gramian.dtype)
     return (x / total).to(gramian.dtype)
+
+
+def _pinv_row_sums(matrix: Tensor, rtol: float) -> Tensor:
+    """``pinv(matrix) @ 1`` for a symmetric matrix, as ``torch.linalg.pinv(matrix, rtol=rtol,
+    hermitian=True).sum(dim=1)`` computes it (eigenvalues with ``|e| <= rtol max|e|`` are cut),
+    without forming the pseudo-inverse: ``V (w * V^T 1)``, a third of pinv's time at T = 3."""
+    eigenvalues, vectors = torch.linalg.eigh(matrix)
+    magnitude = eigenvalues.abs()
+    kept = magnitude > rtol * magnitude.max()
+    inverse = torch.where(kept, 1.0 / torch.where(kept, eigenvalues, 1.0), 0.0)
+    return vectors @ (inverse * vectors.sum(dim=0))
 
 
 @register

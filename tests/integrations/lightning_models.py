@@ -199,3 +199,30 @@ def ddp_worker(rank: int, world_size: int, port: int, configs: list[int], out_fi
         torch.save(results, out_file)
     torch.distributed.destroy_process_group()
     exit_now()
+
+
+class HalfNet(Net):
+    """The module in float32, for 16-bit mixed precision (autocast to float16)."""
+
+    def __init__(self, method: str | None) -> None:
+        super().__init__(method)
+        self.float()
+
+    def task_losses(self, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        x, y = batch
+        return super().task_losses((x.float(), y.float()))
+
+
+def scaled_hand_loop(model: Net, steps: int, batch_size: int, init_scale: float) -> None:
+    """The plain mixed-precision loop: autocast to float16 for the forward, the method's
+    backward with a GradScaler, ``scaler.step`` and ``scaler.update``."""
+    optimizer = make_optimizer(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    batches = list(loader(batch_size))
+    for step in range(steps):
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            losses, z = model.task_losses(batches[step % len(batches)])
+        model.method.backward(losses, features=z, shared=model.trunk, scaler=scaler)
+        scaler.step(optimizer)
+        scaler.update()

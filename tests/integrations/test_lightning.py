@@ -16,6 +16,7 @@ pytest.importorskip("lightning")
 
 import lightning.pytorch as L
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import MixedPrecision
 
 from integrations import lightning_models as lm
 from taskbalance.integrations.lightning import MultiTaskMixin
@@ -77,6 +78,18 @@ def test_manual_optimisation_runs_the_method_through_manual_backward(tmp_path):
     reference = lm.Net("imtl_g")
     lm.hand_loop(reference, STEPS, batch_size=8)
     assert_same_parameters(model, reference)
+
+
+def test_16_bit_mixed_precision_scales_through_lightning_gradscaler(tmp_path):
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    model = lm.HalfNet("imtl_g")
+    lm.trainer(str(tmp_path), STEPS, logger=False, plugins=[plugin]).fit(model, lm.loader(8))
+    reference = lm.HalfNet("imtl_g")
+    lm.scaled_hand_loop(reference, STEPS, batch_size=8, init_scale=2.0**12)
+    for got, expected in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    assert scaler.get_scale() == 2.0**12  # no overflow: every step was taken
 
 
 def test_the_method_state_is_in_the_module_state_dict():

@@ -37,6 +37,9 @@ autodoc_default_options = {"show-inheritance": True}
 # An override without a docstring (``extra_repr``, a class attribute such as ``name``) would
 # repeat torch's or the base class's text on every method page.
 autodoc_inherit_docstrings = False
+# The integrations' frameworks stand in as mocks while autodoc imports those modules: the build
+# then needs neither installed (the README's command installs only the docs extra).
+autodoc_mock_imports = ["lightning", "pytorch_lightning", "transformers"]
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 
@@ -96,6 +99,22 @@ def _content_indent(line):
     return _indent(line)
 
 
+PARAM = re.compile(r"(\s*:param )([^:]+)(:.*)")
+
+
+def _escape_starred_parameters(app, what, name, obj, options, lines):
+    """Escape the stars of a combined ``*args, **kwargs`` entry of an Args section.
+
+    napoleon escapes ``*args`` and ``**kwargs`` given as separate entries, but in a combined
+    one it leaves ``**`` as it is, which reStructuredText reads as the start of bold text.
+    """
+    for i, line in enumerate(lines):
+        match = PARAM.fullmatch(line)
+        if match:
+            names = re.sub(r"(?<!\\)\*", r"\\*", match.group(2))
+            lines[i] = match.group(1) + names + match.group(3)
+
+
 LINK = re.compile(r"\]\(([^)#:\s]+)\)")
 
 
@@ -121,4 +140,5 @@ def _repository_links(app, relative_path, parent_docname, content):
 
 def setup(app):
     app.connect("autodoc-process-docstring", _formulas_verbatim, priority=600)
+    app.connect("autodoc-process-docstring", _escape_starred_parameters, priority=600)
     app.connect("include-read", _repository_links)

@@ -48,7 +48,7 @@ NEEDS = {
     "gramian": "the T x T Gramian of the per-task gradients",
     "jacobian": "the T x n Jacobian of the per-task gradients",
 }
-AUTOMODULE = re.compile(r"^\s*\.\. automodule:: ([\w.]+)", re.MULTILINE)
+AUTODOC = re.compile(r"^\s*\.\. auto(module|class|function):: ([\w.]+)", re.MULTILINE)
 FENCE = re.compile(r"^```(python|diff)[^\n]*\n(.*?)^```\s*$", re.MULTILINE | re.DOTALL)
 
 
@@ -271,15 +271,21 @@ def generated_pages() -> dict[str, str]:
     return pages
 
 
-def documented_modules(pages: dict[str, str]) -> list[str]:
-    """The modules an ``automodule`` directive documents, on the hand-written pages and on the
-    generated ``pages`` (by their path relative to _generated/)."""
+def autodoc_targets(pages: dict[str, str]) -> list[tuple[str, str]]:
+    """What the site's autodoc directives document, as ``(kind, dotted name)`` with kind
+    ``module``, ``class`` or ``function``, from the hand-written pages and the generated
+    ``pages`` (by their path relative to _generated/)."""
     texts = [
         p.read_text(encoding="utf-8")
         for p in sorted(DOCS.rglob("*.md"))
         if "_build" not in p.parts and GENERATED not in p.parents
     ]
-    return [name for text in [*texts, *pages.values()] for name in AUTOMODULE.findall(text)]
+    return [target for text in [*texts, *pages.values()] for target in AUTODOC.findall(text)]
+
+
+def documented_modules(pages: dict[str, str]) -> list[str]:
+    """The modules an ``automodule`` directive documents (see :func:`autodoc_targets`)."""
+    return [name for kind, name in autodoc_targets(pages) if kind == "module"]
 
 
 def toplevel_table(modules: list[str]) -> str:

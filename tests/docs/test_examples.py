@@ -71,17 +71,24 @@ def test_every_method_page_has_an_example():
     assert not missing
 
 
-def _documented(module):
-    """The module and what ``automodule :members:`` renders of it: the names in ``__all__``
-    (or the public names it defines) and, for classes, their public attributes."""
-    names = getattr(module, "__all__", None) or [
-        name
-        for name, obj in vars(module).items()
-        if not name.startswith("_") and getattr(obj, "__module__", None) == module.__name__
-    ]
-    yield module
-    for name in names:
-        obj = getattr(module, name)
+def _documented(kind, name):
+    """The object an autodoc directive names and what it renders with ``:members:``: for a
+    module, the names in ``__all__`` (or the public names it defines); for a class, its public
+    attributes. autodoc imports the integrations with their frameworks mocked; here they are
+    installed (the test extra)."""
+    if kind == "module":
+        module = importlib.import_module(name)
+        yield module
+        names = getattr(module, "__all__", None) or [
+            member
+            for member, obj in vars(module).items()
+            if not member.startswith("_") and getattr(obj, "__module__", None) == name
+        ]
+        objects = [getattr(module, member) for member in names]
+    else:
+        module_name, _, attribute = name.rpartition(".")
+        objects = [getattr(importlib.import_module(module_name), attribute)]
+    for obj in objects:
         yield obj
         if inspect.isclass(obj):
             yield from (v for k, v in vars(obj).items() if not k.startswith("_"))
@@ -89,12 +96,12 @@ def _documented(module):
 
 def test_docstrings_on_the_site_show_no_code_that_does_not_run():
     """A docstring's code belongs in a doctest (run by --doctest-modules), not in a ``::``
-    literal block, which nothing runs; the site renders every automodule'd docstring."""
+    literal block, which nothing runs; the site renders every docstring autodoc documents."""
     literal = re.compile(r"::\s*$", re.MULTILINE)
     offenders = [
-        f"{module_name}: {getattr(obj, '__qualname__', obj)}"
-        for module_name in sitegen.documented_modules(sitegen.generated_pages())
-        for obj in _documented(importlib.import_module(module_name))
+        f"{name}: {getattr(obj, '__qualname__', obj)}"
+        for kind, name in sitegen.autodoc_targets(sitegen.generated_pages())
+        for obj in _documented(kind, name)
         if (
             inspect.ismodule(obj)
             or inspect.isroutine(obj)

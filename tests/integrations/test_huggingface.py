@@ -6,143 +6,26 @@ from __future__ import annotations
 
 import copy
 import importlib
+import socket
 import sys
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
-from torch.nn import functional as F
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from transformers import (
-    BertConfig,
-    BertModel,
-    BertPreTrainedModel,
-    TrainingArguments,
-    default_data_collator,
-)
-
 import taskbalance
-from taskbalance.integrations.huggingface import MultiTaskTrainer, task_outputs
-
-SAMPLES = 8
-LR = 0.1
-STEPS = 3
-
-
-class TwoHeadBert(BertPreTrainedModel):
-    """A BERT encoder shared by a regression head ('score') and a 3-class head ('topic')."""
-
-    def __init__(self, config: BertConfig) -> None:
-        super().__init__(config)
-        self.bert = BertModel(config)
-        self.score_head = nn.Linear(config.hidden_size, 1)
-        self.topic_head = nn.Linear(config.hidden_size, 3)
-        self.post_init()
-
-    def forward(self, input_ids, attention_mask, score, topic):
-        z = self.bert(input_ids=input_ids, attention_mask=attention_mask).pooler_output
-        losses = {
-            "score": F.mse_loss(self.score_head(z).squeeze(-1), score),
-            "topic": F.cross_entropy(self.topic_head(z), topic),
-        }
-        return {"task_losses": losses, "features": z}
-
-
-def tiny_model() -> TwoHeadBert:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=16,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return TwoHeadBert(config).double()
-
-
-def dataset() -> list[dict[str, torch.Tensor]]:
-    gen = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, 30, (SAMPLES, 6), generator=gen)
-    scores = 10 * torch.randn(SAMPLES, generator=gen, dtype=torch.float64)
-    topics = torch.randint(0, 3, (SAMPLES,), generator=gen)
-    return [
-        {
-            "input_ids": ids[i],
-            "attention_mask": torch.ones(6, dtype=torch.long),
-            "score": scores[i],
-            "topic": topics[i],
-        }
-        for i in range(SAMPLES)
-    ]
-
-
-def arguments(folder, batch_size: int, accumulate: int = 1) -> TrainingArguments:
-    """SGD at a constant rate, no clipping, the data in order, a log entry every step."""
-    return TrainingArguments(
-        output_dir=str(folder),
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulate,
-        max_steps=STEPS,
-        learning_rate=LR,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        train_sampling_strategy="sequential",
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-
-
-def hand_loop(model, method, batch_size, accumulate=1, adatask=False, shared=None):
-    """The same steps without the Trainer: each micro-batch's own method.backward, the
-    gradients averaged, one optimizer step. Returns each micro-batch's record."""
-    data = dataset()
-    batches = [
-        default_data_collator(data[i : i + batch_size]) for i in range(0, SAMPLES, batch_size)
-    ]
-    if adatask:
-        optimizer = taskbalance.AdaTaskAdam(
-            [
-                {"params": model.bert.parameters(), "shared": True},
-                {"params": [*model.score_head.parameters(), *model.topic_head.parameters()]},
-            ],
-            lr=LR,
-        )
-    else:
-        groups = [{"params": list(model.parameters())}]
-        if list(method.parameters()):
-            groups.append(method.param_group())
-        optimizer = torch.optim.SGD(groups, lr=LR)
-    params = [*model.parameters(), *method.parameters()]
-    infos = []
-    for step in range(STEPS):
-        optimizer.zero_grad()
-        summed = [torch.zeros_like(p) for p in params]
-        for micro in range(accumulate):
-            optimizer.zero_grad()
-            outputs = model(**batches[(step * accumulate + micro) % len(batches)])
-            losses = outputs["task_losses"]
-            if adatask:
-                infos.append(optimizer.backward(losses, method=method))
-                break
-            infos.append(method.backward(losses, features=outputs["features"], shared=shared))
-            for total, param in zip(summed, params, strict=True):
-                if param.grad is not None:
-                    total += param.grad
-        if not adatask:
-            for total, param in zip(summed, params, strict=True):
-                param.grad = total / accumulate
-        optimizer.step()
-    return infos
+from integrations import hf_models
+from integrations.hf_models import LR, STEPS, arguments, dataset, hand_loop, tiny_model
+from taskbalance.integrations.huggingface import (
+    MultiTaskTrainer,
+    _check_features_reach_losses,
+    task_outputs,
+)
 
 
 def assert_same_parameters(trained: nn.Module, reference: nn.Module) -> None:
@@ -168,6 +51,8 @@ def test_trainer_steps_equal_the_hand_written_loop(tmp_path, name, options):
     infos = hand_loop(reference, reference_method, 4, shared=reference.bert)
     assert_same_parameters(model, reference)
     assert_same_parameters(method, reference_method)
+    unused = trainer.args.ddp_find_unused_parameters  # unset: False for a feature-level method
+    assert unused is (False if method.level == "feature" else None)
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == STEPS
     for entry, info in zip(logs, infos, strict=True):
@@ -216,6 +101,17 @@ def test_an_output_without_task_losses_names_what_it_has():
         task_outputs((torch.tensor(1.0),))
 
 
+def test_a_feature_level_method_refuses_ddp_that_detaches_the_outputs(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        wrapped = nn.parallel.DistributedDataParallel(nn.Linear(2, 2), find_unused_parameters=True)
+        with pytest.raises(ValueError, match="ddp_find_unused_parameters=False"):
+            _check_features_reach_losses(wrapped)
+        _check_features_reach_losses(nn.parallel.DistributedDataParallel(nn.Linear(2, 2)))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_parameter_level_without_a_shared_part_is_an_error(tmp_path):
     class Flat(nn.Module):
         def __init__(self) -> None:
@@ -256,3 +152,19 @@ def test_missing_transformers_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "taskbalance.integrations.huggingface")
     with pytest.raises(ImportError, match=r"pip install 'taskbalance\[hf\]'"):
         importlib.import_module("taskbalance.integrations.huggingface")
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_equal_one_process_on_the_joined_batch(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(hf_models.ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    results = torch.load(tmp_path / "params.pt")
+    for name, trained in zip(hf_models.DDP_METHODS, results, strict=True):
+        model = tiny_model()
+        method = taskbalance.get_method(name, tasks=["score", "topic"]).double()
+        hand_loop(model, method, 8, shared=model.bert)
+        expected = [*model.parameters(), *method.parameters()]
+        for got, want in zip(trained, expected, strict=True):
+            torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-12)

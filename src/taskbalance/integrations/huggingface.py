@@ -103,6 +103,12 @@ class MultiTaskTrainer(Trainer):
     ) -> None:
         self.method = EW() if method is None else method
         check_method(self.method)
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        feature_level = self.method.level == "feature" and training_args is not None
+        if feature_level and training_args.ddp_find_unused_parameters is None:
+            # The Trainer's default for a PreTrainedModel is True, which cuts the features off
+            # the losses under DDP (see _check_features_reach_losses).
+            training_args.ddp_find_unused_parameters = False
         self.shared_name = shared
         self._sums: dict[str, Tensor] = {}
         self._counts: dict[str, int] = {}
@@ -175,6 +181,8 @@ class MultiTaskTrainer(Trainer):
                     "without gradient accumulation (gradient_accumulation_steps=1) and fp16"
                 )
             return optimizer.backward(dict(losses), method=self.method)
+        if self.method.level == "feature":
+            _check_features_reach_losses(model)
         shared = self._shared(model) if self.method.level == "parameter" else None
         return method_backward(
             self.method, dict(losses), shared=shared, features=features, factor=factor, amp=amp
@@ -197,6 +205,20 @@ class MultiTaskTrainer(Trainer):
         for name, value in metrics.items():
             self._sums[name] = self._sums[name] + value if name in self._sums else value
             self._counts[name] = self._counts.get(name, 0) + 1
+
+
+def _check_features_reach_losses(model: nn.Module) -> None:
+    """Under DistributedDataParallel with ``find_unused_parameters`` (or ``static_graph``), DDP
+    passes the model's outputs through one autograd node, so the returned ``features`` is no
+    longer on the path from the losses to the trunk: a feature-level method cannot use it."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    if isinstance(model, ddp) and (model.find_unused_parameters or model.static_graph):
+        raise ValueError(
+            "a feature-level method under DistributedDataParallel needs "
+            "TrainingArguments(ddp_find_unused_parameters=False, ddp_static_graph=False): "
+            "otherwise DDP detaches the returned features from the task losses "
+            "(MultiTaskTrainer sets the first when it is left unset); or use level='parameter'"
+        )
 
 
 class _ClearMethodGrads(TrainerCallback):

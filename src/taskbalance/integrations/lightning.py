@@ -39,6 +39,7 @@ Each step's record is logged with ``self.log_dict`` under ``taskbalance/...`` (s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +97,7 @@ class _Pending:
     shared: nn.Module | Iterable[Tensor] | None
     features: Tensor | Sequence[Tensor] | None
     options: dict[str, Any]
+    log: bool
     stand_in: Tensor
     """The leaf returned to Lightning in place of the summed loss."""
 
@@ -148,8 +150,7 @@ class MultiTaskMixin:
         # backward handles non-finite values (on_nonfinite).
         checked = collect_losses(losses, check_finite=False)
         stand_in = checked.values.detach().sum().requires_grad_()
-        options["log"] = log
-        self._taskbalance_pending = _Pending(losses, shared, features, options, stand_in)
+        self._taskbalance_pending = _Pending(losses, shared, features, options, log, stand_in)
         return stand_in
 
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
@@ -166,18 +167,15 @@ class MultiTaskMixin:
                 f"{len(args)} positional and {sorted(kwargs)} keyword arguments"
             )
         (derivative,) = torch.autograd.grad(loss, pending.stand_in, allow_unused=True)
-        if derivative is None:
+        if derivative is None or not 0 < float(derivative) < math.inf:
             raise ValueError(
                 "the loss that reached backward does not come from balance(): return "
                 "self.balance(losses, ...) from training_step (or pass it to manual_backward) "
-                "as it is, or divided by a number"
+                "as it is, or divided by a positive number"
             )
-        options = dict(pending.options)
-        log = options.pop("log")
-        if "retain_graph" in kwargs:
-            options["retain_graph"] = kwargs["retain_graph"]
+        options = {**pending.options, **kwargs}
         info = self._run_backward(pending, float(derivative), options)
-        if log:
+        if pending.log:
             self.log_dict(step_metrics(info), on_step=True, on_epoch=False)  # type: ignore[attr-defined]
 
     def multitask_param_groups(self) -> list[dict[str, Any]]:

@@ -61,15 +61,48 @@ def project_simplex(vector: Tensor) -> Tensor:
     return (vector - tau).clamp_min(0)
 
 
-def _solve(matrix: Tensor, rhs: Tensor) -> Tensor:
-    """A solution of a symmetric system: LU when well-posed, else the minimum-norm
-    least-squares solution (pseudo-inverse)."""
+def _solve(matrix: Tensor, rhs: Tensor, face: Tensor) -> Tensor:
+    """Solutions of a batch of symmetric systems: LU where well-posed, else the minimum-norm
+    least-squares solution (pseudo-inverse).
+
+    Each system is a face's own system (the rows and columns where ``face`` is true) padded
+    with the identity elsewhere, so that every face of every problem is one fixed-size system.
+    The well-posedness test and the pseudo-inverse use the face's own system, as if it had been
+    cut out: the padding would otherwise move the pseudo-inverse's cut-off.
+    """
     solution, info = torch.linalg.solve_ex(matrix, rhs)
-    if int(info) == 0 and torch.isfinite(solution).all():
-        residual = (matrix @ solution - rhs).norm()
-        if residual <= 1e-10 * (rhs.norm() + matrix.norm() * solution.norm()):
-            return solution
-    return torch.linalg.pinv(matrix, hermitian=True) @ rhs
+    own = torch.where(face[:, :, None] & face[:, None, :], matrix, 0.0)
+    residual = (matrix @ solution[..., None]).squeeze(-1) - rhs
+    bound = 1e-10 * (rhs.norm(dim=1) + own.flatten(1).norm(dim=1) * solution.norm(dim=1))
+    good = (info == 0) & torch.isfinite(solution).all(dim=1) & (residual.norm(dim=1) <= bound)
+    if bool(good.all()):
+        return solution
+    solution = torch.where(good[:, None], solution, 0.0)
+    for p in (~good).nonzero().flatten().tolist():  # rare: a singular face
+        idx = face[p].nonzero().flatten()
+        reduced = matrix[p][idx][:, idx]
+        solution[p, idx] = torch.linalg.pinv(reduced, hermitian=True) @ rhs[p, idx]
+    return solution
+
+
+def _face_minimisers(q: Tensor, b: Tensor, weights: Tensor, free: Tensor, simplex: bool) -> Tensor:
+    """For every problem, the minimiser of its objective on its free face (bound coordinates
+    at zero; on the simplex, also ``weights^T y = 1``), as one batched solve."""
+    count, num = free.shape
+    both = free[:, :, None] & free[:, None, :]
+    bound = torch.diag_embed((~free).to(q.dtype))
+    if not simplex:
+        rhs = torch.where(free, -b, 0.0)
+        return _solve(torch.where(both, q, 0.0) + bound, rhs, free)
+    # The bordered (KKT) system of the face with the sum constraint.
+    border = torch.where(free, weights, 0.0)
+    matrix = q.new_zeros(count, num + 1, num + 1)
+    matrix[:, :num, :num] = torch.where(both, q, 0.0) + bound
+    matrix[:, :num, num] = border
+    matrix[:, num, :num] = border
+    rhs = torch.cat([torch.where(free, -b, 0.0), q.new_ones(count, 1)], dim=1)
+    face = torch.cat([free, free.new_ones(count, 1)], dim=1)
+    return _solve(matrix, rhs, face)[:, :num]
 
 
 def _active_set(q: Tensor, b: Tensor, simplex: bool, max_iter: int | None) -> Tensor:
@@ -86,65 +119,70 @@ def _active_set(q: Tensor, b: Tensor, simplex: bool, max_iter: int | None) -> Te
     gradients whose norms differ by 1e6 give Gramian entries 1e12 apart, and in the scaled
     variables every task's optimality test is a cosine-like quantity of the same size. The sum
     constraint becomes ``w^T y = 1`` with ``w = D^(-1/2) 1``.
+
+    ``b`` may be a batch ``(P, T)`` of linear terms sharing ``Q`` (UPGrad's T projections): the
+    P problems are solved together, one batched face solve per iteration, each problem taking
+    exactly the steps it would take alone and stopping at its own optimum.
     """
-    num = q.shape[0]
+    single = b.dim() == 1
+    b = b.reshape(-1, q.shape[0])
+    count, num = b.shape
     diagonal = q.diagonal().clamp_min(0)
     positive = diagonal > 0
     unit = diagonal[positive].max() if positive.any() else diagonal.new_ones(())
     scale = torch.where(positive, diagonal.clamp_min(1e-300).rsqrt(), unit.rsqrt())
     q = scale[:, None] * q * scale[None, :]
     b = scale * b
-    weights = scale.clone()  # x = scale * y, so sum(x) = weights^T y
+    weights = scale  # x = scale * y, so sum(x) = weights^T y
     if simplex:
-        y = weights / (weights @ weights)  # a feasible start: x proportional to 1 / D
-        free = torch.ones(num, dtype=torch.bool, device=q.device)
+        y = (weights / (weights @ weights)).expand(count, num).clone()  # x proportional to 1/D
+        free = torch.ones(count, num, dtype=torch.bool, device=q.device)
     else:
-        y = torch.zeros(num, dtype=q.dtype, device=q.device)
-        free = torch.zeros(num, dtype=torch.bool, device=q.device)
+        y = q.new_zeros(count, num)
+        free = torch.zeros(count, num, dtype=torch.bool, device=q.device)
+    running = torch.ones(count, dtype=torch.bool, device=q.device)
+    columns = torch.arange(num, device=q.device)
     max_iter = 20 * num + 50 if max_iter is None else max_iter
     for _ in range(max_iter):
-        idx = free.nonzero().flatten()
-        target = torch.zeros_like(y)
-        if idx.numel():
-            q_ff = q[idx][:, idx]
-            if simplex:
-                k = idx.numel()
-                bordered = q.new_zeros(k + 1, k + 1)
-                bordered[:k, :k] = q_ff
-                bordered[:k, k] = weights[idx]
-                bordered[k, :k] = weights[idx]
-                rhs = torch.cat([-b[idx], q.new_ones(1)])
-                target[idx] = _solve(bordered, rhs)[:k]
-            else:
-                target[idx] = _solve(q_ff, -b[idx])
-        step = target - y
-        if step.abs().max() <= _TOL * (1 + y.abs().max()):
-            grad = q @ y + b
-            if simplex and idx.numel():
-                # The multiplier of the sum constraint, by least squares over the free face.
-                w_f = weights[idx]
-                level = -(grad[idx] @ w_f) / (w_f @ w_f)
-                multipliers = grad + level * weights
-            else:
-                multipliers = grad
-            multipliers = torch.where(free, torch.inf, multipliers)
-            j = int(multipliers.argmin())
-            size = (y @ q @ y).clamp_min(0).sqrt() + b.abs().max()
-            if not multipliers[j] < -1e3 * _TOL * size:
-                break
-            free[j] = True
-            continue
+        # Only the problems still running are solved (UPGrad's finish at different times).
+        live = running.nonzero().flatten()
+        if live.numel() == 0:
+            break
+        if live.numel() == count:
+            step = _face_minimisers(q, b, weights, free, simplex) - y
+        else:
+            step = torch.zeros_like(y)
+            step[live] = _face_minimisers(q, b[live], weights, free[live], simplex) - y[live]
+        moves = step.abs().amax(dim=1) > _TOL * (1 + y.abs().amax(dim=1))
+        # At the face's minimum: free the most negative multiplier, or stop.
+        curvature = y @ q
+        grad = curvature + b
+        multipliers = grad
+        if simplex:
+            # The multiplier of the sum constraint, by least squares over the free face.
+            w_f = torch.where(free, weights, 0.0)
+            level = -(grad * w_f).sum(dim=1) / (w_f * w_f).sum(dim=1).clamp_min(1e-300)
+            multipliers = grad + level[:, None] * weights
+        lowest, entering = torch.where(free, torch.inf, multipliers).min(dim=1)
+        size = (curvature * y).sum(dim=1).clamp_min(0).sqrt() + b.abs().amax(dim=1)
+        negative = lowest < -1e3 * _TOL * size
+        release = running & ~moves & negative
+        free = free | (release[:, None] & (columns == entering[:, None]))
+        running = running & (moves | negative)
+        # Away from it: step towards the face's minimum until a free coordinate hits zero.
+        stepping = running & moves
         shrinking = free & (step < 0)
         ratios = torch.where(shrinking, y / (-step).clamp_min(1e-300), torch.inf)
-        blocking = int(ratios.argmin())
-        alpha = min(1.0, float(ratios[blocking]))
-        y = y + alpha * step
-        if alpha < 1.0:
-            y[blocking] = 0.0
-            free[blocking] = False
-        y = y.clamp_min(0)
+        alpha, blocking = ratios.min(dim=1)
+        alpha = alpha.clamp_max(1.0)
+        y = torch.where(stepping[:, None], (y + alpha[:, None] * step).clamp_min(0), y)
+        hit = (stepping & (alpha < 1.0))[:, None] & (columns == blocking[:, None])
+        y = torch.where(hit, 0.0, y)
+        free = free & ~hit
     x = scale * y
-    return x / x.sum() if simplex else x
+    if simplex:
+        x = x / x.sum(dim=1, keepdim=True)
+    return x[0] if single else x
 
 
 def simplex_qp(
@@ -173,7 +211,9 @@ def simplex_qp(
 def nonnegative_qp(quadratic: Tensor, linear: Tensor, max_iter: int | None = None) -> Tensor:
     """``argmin_{x >= 0} 1/2 x^T Q x + c^T x`` for a PSD ``Q`` and ``c`` in the range of ``Q``.
 
-    Same active-set method as :func:`simplex_qp`, without the equality constraint.
+    Same active-set method as :func:`simplex_qp`, without the equality constraint. ``linear``
+    may be a batch ``(P, T)`` of problems sharing ``Q``: they are solved together, one batched
+    face solve per iteration, and the ``(P, T)`` solutions are returned.
 
     >>> nonnegative_qp(torch.eye(2, dtype=torch.float64), torch.tensor([-1.0, 2.0]))
     tensor([1., 0.], dtype=torch.float64)

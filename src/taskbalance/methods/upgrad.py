@@ -13,8 +13,9 @@ pair of gradients conflicts.
 
 Solver: each of the T problems is a non-negative QP in ``x = v - u``
 (``min 1/2 x^T K x + (K u)^T x, x >= 0``), solved exactly by the active-set method of
-:func:`taskbalance.methods._simplex.nonnegative_qp` (torchjd uses quadprog on a normalised,
-regularised Gramian). Needs: the Gramian. Cost: per-task gradients + T small QPs.
+:func:`taskbalance.methods._simplex.nonnegative_qp`, the T problems as one batch (torchjd uses
+quadprog on a normalised, regularised Gramian). Needs: the Gramian. Cost: per-task gradients +
+T small QPs, batched.
 Default level: ``"parameter"`` (the paper's setting).
 """
 
@@ -58,12 +59,10 @@ def upgrad_weights(gramian: Tensor) -> Tensor:
     check_gramian(gramian)
     k = gramian.detach().to(torch.float64)
     num = k.shape[0]
-    total = k.new_zeros(num)
-    for i in range(num):
-        u = k.new_zeros(num)
-        u[i] = 1.0 / num
-        total += u + nonnegative_qp(k, k @ u)
-    return total.to(gramian.dtype)
+    # The T problems v_i = u_i + argmin_{x >= 0} 1/2 x^T K x + (K u_i)^T x, u_i = e_i / T,
+    # share K: one batched solve (row i of K / T is K u_i, K being symmetric).
+    offsets = nonnegative_qp(k, k / num)
+    return (1.0 / num + offsets.sum(dim=0)).to(gramian.dtype)
 
 
 @register

@@ -31,3 +31,12 @@ def test_unknown_method_lists_the_valid_ones(capsys):
         main(["quickstart", "--methods", "nope"])
     assert caught.value.code == 2
     assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_version_prints_the_one_version(capsys):
+    import taskbalance
+
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out.strip() == f"taskbalance {taskbalance.__version__}"

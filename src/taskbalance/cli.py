@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from taskbalance import __version__
 from taskbalance.methods.registry import hyperparameters, list_methods, method_class
 
 #: ``taskbalance methods``' row for the bench's pseudo-method (an optimizer, not a registry entry).
@@ -532,6 +533,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``taskbalance`` command."""
     parser = _Parser(prog="taskbalance", description="Multi-task optimisation for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"taskbalance {__version__}")
     commands = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_Parser
     )

@@ -33,6 +33,30 @@ class Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[int, Tensor] = {}
+        self._matrix: Tensor | None = None
+        self._filled: list | None = None
+        """The block list that the loop last wrote into ``_matrix``, all of it."""
+
+    def views(self, num_tasks: int, inputs: Sequence[Tensor]) -> list[Tensor] | None:
+        """One ``(T, *input.shape)`` view per input into a single ``T x n`` matrix (so that a
+        Jacobian method gets the matrix without a copy), or ``None`` when the inputs do not
+        share a dtype and device."""
+        like = inputs[0]
+        if any(t.dtype != like.dtype or t.device != like.device for t in inputs):
+            return None
+        sizes = [t.numel() for t in inputs]
+        matrix = self.buffer(-1, (num_tasks, sum(sizes)), like)
+        self._matrix, self._filled = matrix, None
+        parts = matrix.split(sizes, dim=1)
+        return [part.view(num_tasks, *t.shape) for part, t in zip(parts, inputs, strict=True)]
+
+    def matrix_of(self, blocks: list) -> Tensor | None:
+        """The ``T x n`` matrix that ``blocks`` are views of, if the loop filled it whole."""
+        return self._matrix if self._filled is blocks else None
+
+    def filled(self, blocks: list) -> None:
+        """Record that ``blocks`` (views from :meth:`views`) now hold the whole matrix."""
+        self._filled = blocks
 
     def buffer(self, index: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """An uninitialised buffer of ``shape`` with ``like``'s dtype and device."""
@@ -130,6 +154,7 @@ def _loop(
     # Each task's gradients are copied into their row as soon as they exist, so that at most
     # one task's gradients live beside the Jacobian (peak memory about (1 + 1/T) times it).
     num_tasks = len(outputs)
+    views = None if workspace is None else workspace.views(num_tasks, inputs)
     blocks: Blocks = [None] * len(inputs)
     one = seed_one(outputs[0])
     for task, output in enumerate(outputs):
@@ -143,14 +168,16 @@ def _loop(
                     block[task].zero_()
                 continue
             if block is None:
-                shape = (num_tasks, *grad.shape)
-                block = (
-                    grad.new_empty(shape) if workspace is None else workspace.buffer(i, shape, grad)
-                )
+                block = grad.new_empty((num_tasks, *grad.shape)) if views is None else views[i]
                 block[:task].zero_()  # the earlier tasks did not reach this input
                 blocks[i] = block
             block[task].copy_(grad)
         del grads
+    if views is not None and workspace is not None:
+        for block, view in zip(blocks, views, strict=True):
+            if block is None:
+                view.zero_()  # no task reaches it: zeros in the matrix, None as a block
+        workspace.filled(blocks)
     return blocks
 
 
@@ -211,14 +238,20 @@ def weighted_rows(weights: Tensor, block: Tensor) -> Tensor:
     return (weights.to(block.dtype) @ block.reshape(block.shape[0], -1)).reshape(block.shape[1:])
 
 
-def to_matrix(blocks: Blocks, inputs: Sequence[Tensor], num_tasks: int) -> Tensor:
+def to_matrix(
+    blocks: Blocks, inputs: Sequence[Tensor], num_tasks: int, workspace: Workspace | None = None
+) -> Tensor:
     """The Jacobian as one ``(T, n)`` matrix (zeros where a block is ``None``): a copy, made
-    only for methods that need the rows themselves, and for reductions across ranks.
+    only for methods that need the rows themselves, and for reductions across ranks; no copy
+    when the blocks are the views of ``workspace``'s matrix that the loop filled.
 
     >>> to_matrix([torch.ones(2, 2), None], [torch.ones(2), torch.ones(1)], 2)
     tensor([[1., 1., 0.],
             [1., 1., 0.]])
     """
+    whole = None if workspace is None else workspace.matrix_of(blocks)
+    if whole is not None:
+        return whole
     return torch.cat(
         [
             torch.zeros(num_tasks, t.numel(), dtype=t.dtype, device=t.device)

@@ -84,22 +84,29 @@ class ExcessMTL(CoordinateState, Method):
         self.register_buffer("baseline", torch.zeros(num, dtype=torch.float64))
         self.register_buffer("warmup_sum", torch.zeros(num, dtype=torch.float64))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._scratch: Tensor | None = None  # reused T x n work matrix, not state
 
     def aggregate(self, losses: Tensor, jacobian: Tensor) -> Tensor:
         """Update the excess-risk estimates and the weights; return ``sum_t w_t g_t``."""
         # Elementwise work stays in the Jacobian's dtype: a float64 copy of a T x n matrix
         # measured ~100x a plain step at T = 32 (benchmarks/step_time.py); only the T-vector
-        # of excess risks is handled in float64.
+        # of excess risks is handled in float64. It runs in place and in one reused scratch
+        # matrix: each fresh T x n temporary costs page faults on CPU.
         g = jacobian.detach()
-        self.coordinate_state(g, lambda g: g.new_zeros(g.shape))
-        squared = g.square()
-        self.squares += squared
-        excess = (squared / (self.squares + _EPS).sqrt()).sum(dim=1).to(torch.float64)
+        squares = self.coordinate_state(g, lambda g: g.new_zeros(g.shape))
+        g = g.to(squares)  # a no-op unless the state was given another dtype (e.g. .double())
+        squares.addcmul_(g, g)
+        scratch = self._scratch
+        if scratch is None or scratch.shape != g.shape or scratch.dtype != g.dtype:
+            scratch = self._scratch = torch.empty_like(g)
+        # e_t = sum_j g_tj (g_tj / sqrt(S_tj + eps)): T dot products, no further temporary.
+        torch.add(squares, _EPS, out=scratch).rsqrt_().mul_(g)
+        excess = (scratch[:, None, :] @ g[:, :, None]).flatten().to(torch.float64)
         step = int(self.step)
         self.step += 1
         if step < self.warmup_steps:
             self.warmup_sum += excess
-            return self.weights.to(g) @ g
+            return (self.weights.to(g) @ g).to(jacobian.dtype)
         if step == self.warmup_steps:
             if self.warmup_steps > 0:
                 self.baseline.copy_(self.warmup_sum / self.warmup_steps)
@@ -110,7 +117,7 @@ class ExcessMTL(CoordinateState, Method):
             excess = excess / (self.baseline + _EPS)
         logits = self.weights.log() + self.robust_step_size * excess
         self.weights.copy_(torch.softmax(logits, dim=0))
-        return self.weights.to(g) @ g
+        return (self.weights.to(g) @ g).to(jacobian.dtype)
 
     def extra_repr(self) -> str:
         return ", ".join(

@@ -44,14 +44,18 @@ def moco_step(
     beta: float,
     gamma: float,
     rho: float = 0.0,
+    in_place: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One MoCo step with the given step sizes: ``(new tracked Y, new weights, update)``.
+
+    ``in_place``: update ``tracked`` itself (one pass over the T x n state, no temporary).
 
     >>> y, l, d = moco_step(torch.eye(2), torch.tensor([0.5, 0.5]), torch.eye(2), 0.5, 0.1)
     >>> l, d
     (tensor([0.5000, 0.5000], dtype=torch.float64), tensor([0.5000, 0.5000]))
     """
-    tracked = tracked - beta * (tracked - jacobian)
+    # Y - beta (Y - G) = Y + beta (G - Y): a lerp.
+    tracked = tracked.lerp_(jacobian, beta) if in_place else tracked.lerp(jacobian, beta)
     # The T x n work stays in the Jacobian's dtype; the T x T step runs in float64.
     gramian = (tracked @ tracked.T).to(torch.float64)
     if rho:
@@ -116,20 +120,21 @@ class MoCo(CoordinateState, Method):
             norms = g.norm(dim=1, keepdim=True)
             scale = losses.detach().to(g)[:, None] / norms.clamp_min(1e-300)
             g = torch.where(norms > 0, g * scale, 0.0)
-        self.coordinate_state(g, lambda g: g.clone())
+        tracked = self.coordinate_state(g, lambda g: g.clone())
+        g = g.to(tracked)  # a no-op unless the state was given another dtype (e.g. .double())
         self.step += 1
         k = float(self.step)
-        tracked, weights, update = moco_step(
-            self.tracked.to(g),
+        _, weights, update = moco_step(
+            tracked,
             self.weights,
             g,
             self.beta / k**self.beta_sigma,
             self.gamma / k**self.gamma_sigma,
             self.rho,
+            in_place=True,
         )
-        self.tracked.copy_(tracked)
         self.weights.copy_(weights)
-        return update
+        return update.to(jacobian.dtype)
 
     def extra_repr(self) -> str:
         return ", ".join(

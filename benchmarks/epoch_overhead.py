@@ -28,8 +28,10 @@ rounds of ``runner epoch / hand epoch`` of the same round.
 Usage:
     python benchmarks/epoch_overhead.py                          # QM9, 10,000 rows, 9 rounds
     python benchmarks/epoch_overhead.py --dataset multi_mnist --train-size 3000
+    python benchmarks/epoch_overhead.py --protocol paper --dataset census_income  # paper scale
     python benchmarks/epoch_overhead.py --profile                # cProfile of the runner epoch
-Writes benchmarks/results/epoch_overhead.json and prints a summary.
+Writes benchmarks/results/epoch_overhead.json (``--protocol paper``:
+epoch_overhead_paper_<dataset>.json) and prints a summary.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from torch.nn import functional as F
 from taskbalance.bench.benchmark import BenchConfig, load_bench_data
 from taskbalance.bench.data.types import MultiTaskData
 from taskbalance.bench.models import build_model
+from taskbalance.bench.protocols import Protocol, protocol
 from taskbalance.bench.runner import RunConfig, Runner, parse_method_spec
 
 RESULTS = Path(__file__).parent / "results" / "epoch_overhead.json"
@@ -94,7 +97,13 @@ class HandLoop:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="qm9", help="qm9 (default) or multi_mnist")
-    parser.add_argument("--train-size", type=int, default=10_000)
+    parser.add_argument(
+        "--protocol",
+        choices=("paper",),
+        default=None,
+        help="the data size and architecture of a bench protocol (default: --train-size rows)",
+    )
+    parser.add_argument("--train-size", type=int, default=None, help="default 10000")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=1)
@@ -103,11 +112,22 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    data = load_bench_data(BenchConfig(dataset=args.dataset, train_size=args.train_size))
-    config = RunConfig(method=parse_method_spec("ew"), batch_size=args.batch_size, epochs=1)
+    if args.protocol is None:
+        preset = Protocol("", 1, 1, (1e-3,), None, "default", train_size=10_000)
+    else:
+        preset = protocol(args.protocol, args.dataset)
+    train_size = args.train_size or preset.train_size
+    bench = BenchConfig(
+        dataset=args.dataset, train_size=train_size, data_options=dict(preset.data_options)
+    )
+    data = load_bench_data(bench)
+    arch = preset.arch or "hps"
+    config = RunConfig(
+        method=parse_method_spec("ew"), arch=arch, batch_size=args.batch_size, epochs=1
+    )
     steps = -(-len(data.train) // args.batch_size)
     print(
-        f"{data.name}: {len(data.train)} training rows, {len(data.task_names)} tasks, "
+        f"{data.name}: {len(data.train)} training rows, {len(data.task_names)} tasks, {arch}, "
         f"batch {args.batch_size} ({steps} steps per epoch), {args.threads} thread(s)"
     )
 
@@ -150,7 +170,8 @@ def main() -> None:
     payload = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "python benchmarks/epoch_overhead.py "
-        f"--dataset {args.dataset} --train-size {args.train_size} "
+        + (f"--protocol {args.protocol} " if args.protocol else "")
+        + f"--dataset {args.dataset} --train-size {len(data.train)} "
         f"--batch-size {args.batch_size} --rounds {args.rounds} --threads {args.threads}",
         "machine": {
             "platform": platform.platform(),
@@ -161,6 +182,8 @@ def main() -> None:
             "load_average_after": load_after,
         },
         "dataset": data.name,
+        "protocol": args.protocol,
+        "architecture": arch,
         "train_rows": len(data.train),
         "tasks": len(data.task_names),
         "batch_size": args.batch_size,
@@ -172,9 +195,12 @@ def main() -> None:
         "requirement": REQUIREMENT,
         "meets_requirement": ratios["runner"] <= REQUIREMENT,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(payload, indent=1) + "\n")
-    print(f"written: {RESULTS}")
+    path = RESULTS
+    if args.protocol is not None:
+        path = RESULTS.with_name(f"epoch_overhead_{args.protocol}_{args.dataset}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"written: {path}")
 
 
 if __name__ == "__main__":

@@ -129,6 +129,18 @@ def test_layerwise_gramian_equals_the_jacobian_path(kind, rows, tables, mode):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
+def test_layerwise_gramian_is_exact_with_more_tasks_than_one_chunk():
+    trunk, x = _trunk_and_input("linear")
+    z = trunk(x)
+    torch.manual_seed(1)
+    heads = [nn.Linear(z.shape[-1], 1).double() for _ in range(9)]
+    losses = [(t + 1.0) * head(z).tanh().pow(2).sum() for t, head in enumerate(heads)]
+    params = list(trunk.parameters())
+    layerwise = LayerwiseGramian(losses, params, plan_layers(losses, params, force=True))
+    expected = gramian(task_jacobian(losses, params, "loop"), 9)
+    torch.testing.assert_close(layerwise.gramian, expected, rtol=1e-10, atol=1e-10)
+
+
 def test_layerwise_gramian_holds_less_than_half_the_jacobian_when_the_batch_is_small():
     trunk = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128)).double()
     losses, _ = _losses(trunk, torch.randn(8, 64, dtype=torch.float64))

@@ -65,6 +65,10 @@ _PER_FEATURE = frozenset(
 """Nodes whose parameters are per-feature vectors: their T gradient rows are cheap to keep."""
 
 
+_TASK_CHUNK = 4
+"""Tasks per product with ``X X^T`` when forming a layer's share of ``K``."""
+
+
 class UncoveredLayerError(ValueError):
     """The layerwise Gramian was forced, but a shared parameter is read by a layer it has no
     rule for. The message names the autograd node (the layer type) and the parameter."""
@@ -421,7 +425,13 @@ class LayerwiseGramian:
             x = _upcast(layer.rows)  # set for every layer on the rows route
             if layer.weight is not None:
                 outer = (layer.alpha**2) * (x @ x.T)  # R x R: all the layer's input needs
-                terms.append(torch.matmul(outer, dy).reshape(num, -1) @ dy.reshape(num, -1).T)
+                flat = dy.reshape(num, -1)
+                # (X X^T) dY_s for a few tasks at a time: the temporary stays a fraction of dY.
+                rows = [
+                    torch.matmul(outer, chunk).reshape(len(chunk), -1) @ flat.T
+                    for chunk in dy.split(_TASK_CHUNK)
+                ]
+                terms.append(torch.cat(rows) if len(rows) > 1 else rows[0])
             if layer.bias is not None:
                 sums = dy.sum(dim=1) * layer.beta
                 terms.append(sums @ sums.T)

@@ -71,7 +71,7 @@ def _solve(matrix: Tensor, rhs: Tensor, face: Tensor) -> Tensor:
     cut out: the padding would otherwise move the pseudo-inverse's cut-off.
     """
     solution, info = torch.linalg.solve_ex(matrix, rhs)
-    own = torch.where(face[:, :, None] & face[:, None, :], matrix, 0.0)
+    own = matrix.masked_fill(~(face[:, :, None] & face[:, None, :]), 0.0)
     residual = (matrix @ solution[..., None]).squeeze(-1) - rhs
     bound = 1e-10 * (rhs.norm(dim=1) + own.flatten(1).norm(dim=1) * solution.norm(dim=1))
     good = (info == 0) & torch.isfinite(solution).all(dim=1) & (residual.norm(dim=1) <= bound)
@@ -87,22 +87,40 @@ def _solve(matrix: Tensor, rhs: Tensor, face: Tensor) -> Tensor:
 
 def _face_minimisers(q: Tensor, b: Tensor, weights: Tensor, free: Tensor, simplex: bool) -> Tensor:
     """For every problem, the minimiser of its objective on its free face (bound coordinates
-    at zero; on the simplex, also ``weights^T y = 1``), as one batched solve."""
+    at zero; on the simplex, also ``weights^T y = 1``), as one batched solve.
+
+    A single problem's face is cut out (a smaller system and fewer kernels); a batch's faces
+    are padded with the identity on their bound coordinates, so that they share one size."""
     count, num = free.shape
+    if count == 1:
+        idx = free[0].nonzero().flatten()
+        target = q.new_zeros(1, num)
+        if idx.numel():
+            face_q, rhs, every = q[idx][:, idx][None], -b[:, idx], free[:, idx]
+            target[:, idx] = (
+                _bordered(face_q, rhs, weights[idx][None], every)
+                if simplex
+                else _solve(face_q, rhs, every)
+            )
+        return target
     both = free[:, :, None] & free[:, None, :]
     bound = torch.diag_embed((~free).to(q.dtype))
+    rhs = (-b).masked_fill(~free, 0.0)
+    face_q = q.masked_fill(~both, 0.0) + bound
     if not simplex:
-        rhs = torch.where(free, -b, 0.0)
-        return _solve(torch.where(both, q, 0.0) + bound, rhs, free)
-    # The bordered (KKT) system of the face with the sum constraint.
-    border = torch.where(free, weights, 0.0)
-    matrix = q.new_zeros(count, num + 1, num + 1)
-    matrix[:, :num, :num] = torch.where(both, q, 0.0) + bound
+        return _solve(face_q, rhs, free)
+    return _bordered(face_q, rhs, weights.masked_fill(~free, 0.0), free)
+
+
+def _bordered(face_q: Tensor, rhs: Tensor, border: Tensor, face: Tensor) -> Tensor:
+    """The face's minimiser under ``border^T y = 1``: its bordered (KKT) system."""
+    count, num = rhs.shape
+    matrix = face_q.new_zeros(count, num + 1, num + 1)
+    matrix[:, :num, :num] = face_q
     matrix[:, :num, num] = border
     matrix[:, num, :num] = border
-    rhs = torch.cat([torch.where(free, -b, 0.0), q.new_ones(count, 1)], dim=1)
-    face = torch.cat([free, free.new_ones(count, 1)], dim=1)
-    return _solve(matrix, rhs, face)[:, :num]
+    full_rhs = torch.cat([rhs, rhs.new_ones(count, 1)], dim=1)
+    return _solve(matrix, full_rhs, torch.cat([face, face.new_ones(count, 1)], dim=1))[:, :num]
 
 
 def _active_set(q: Tensor, b: Tensor, simplex: bool, max_iter: int | None) -> Tensor:
@@ -160,10 +178,10 @@ def _active_set(q: Tensor, b: Tensor, simplex: bool, max_iter: int | None) -> Te
         multipliers = grad
         if simplex:
             # The multiplier of the sum constraint, by least squares over the free face.
-            w_f = torch.where(free, weights, 0.0)
+            w_f = weights.masked_fill(~free, 0.0)
             level = -(grad * w_f).sum(dim=1) / (w_f * w_f).sum(dim=1).clamp_min(1e-300)
             multipliers = grad + level[:, None] * weights
-        lowest, entering = torch.where(free, torch.inf, multipliers).min(dim=1)
+        lowest, entering = multipliers.masked_fill(free, torch.inf).min(dim=1)
         size = (curvature * y).sum(dim=1).clamp_min(0).sqrt() + b.abs().amax(dim=1)
         negative = lowest < -1e3 * _TOL * size
         release = running & ~moves & negative
@@ -172,7 +190,7 @@ def _active_set(q: Tensor, b: Tensor, simplex: bool, max_iter: int | None) -> Te
         # Away from it: step towards the face's minimum until a free coordinate hits zero.
         stepping = running & moves
         shrinking = free & (step < 0)
-        ratios = torch.where(shrinking, y / (-step).clamp_min(1e-300), torch.inf)
+        ratios = (y / (-step).clamp_min(1e-300)).masked_fill_(~shrinking, torch.inf)
         alpha, blocking = ratios.min(dim=1)
         alpha = alpha.clamp_max(1.0)
         y = torch.where(stepping[:, None], (y + alpha[:, None] * step).clamp_min(0), y)

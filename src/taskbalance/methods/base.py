@@ -222,7 +222,8 @@ class Method(nn.Module):
 
         Args:
             losses: the weighted losses ``w_t L_t``, detached, shape ``(T,)``.
-            jacobian: the ``(T, n)`` matrix of the gradients of ``w_t L_t``.
+            jacobian: the ``(T, n)`` matrix of the gradients of ``w_t L_t``. It may live in
+                a buffer the engine reuses at the next step: copy what you keep.
         """
         raise NotImplementedError(f"{type(self).__name__} does not aggregate a Jacobian")
 

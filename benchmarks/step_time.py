@@ -7,11 +7,21 @@ Peak memory is read off the profiler's CPU memory timeline for the first step of
 (so that buffers reused across steps are counted), minus the plain step's peak; it is compared
 with the size of the T x n Jacobian of the shared parameters.
 
-The zoo section times every registered method, at its default level, at T = 3 and T = 32 on
-the MLP, against the same plain step.
+Models: ``small_mlp`` (64 -> 256 -> 256 trunk, batch 256: a step of about a millisecond, where
+fixed per-step work shows), ``mlp`` (256-512-512-256, batch 64) and ``cnn`` (two conv layers
+and a linear layer, batch 64). Sections, all printed and written to the result file:
+
+- per model and T: every variant's step time (``imtl_g_parameter`` takes the default
+  ``gramian_path="auto"``, ``imtl_g_parameter_jacobian`` forces the Jacobian path);
+- overhead: the fixed per-step time of ``method.backward`` beyond the autograd work (the time
+  spent outside autograd's engine), on the small MLP at T = 3;
+- zoo: every registered method at its default level, at T = 3 and T = 32 on the MLP, also as a
+  ratio to IMTL-G's step at the same level;
+- memory: the extra peak memory of the parameter-level step, layerwise against the Jacobian;
+- targets: each figure of the speed issue, with its target and whether it was met.
 
 Usage:
-    python benchmarks/step_time.py                      # all models, T in {2, 3, 5, 8, 32}
+    python benchmarks/step_time.py                      # everything
     python benchmarks/step_time.py --tasks 3 32 --rounds 10 --no-memory --no-zoo
 Writes benchmarks/results/step_time.json and prints a table.
 """
@@ -33,7 +43,7 @@ from torch import Tensor, nn
 import taskbalance
 
 RESULTS = Path(__file__).parent / "results" / "step_time.json"
-BATCH = 64
+BATCH = {"small_mlp": 256, "mlp": 64, "cnn": 64}
 
 
 class MultiTaskNet(nn.Module):
@@ -42,7 +52,12 @@ class MultiTaskNet(nn.Module):
     def __init__(self, kind: str, num_tasks: int) -> None:
         super().__init__()
         torch.manual_seed(0)
-        if kind == "mlp":
+        if kind == "small_mlp":
+            self.trunk = nn.Sequential(
+                nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU()
+            )
+            width = 256
+        elif kind == "mlp":
             self.trunk: nn.Module = nn.Sequential(
                 nn.Linear(256, 512),
                 nn.ReLU(),
@@ -66,15 +81,16 @@ class MultiTaskNet(nn.Module):
             )
             width = 128
         else:
-            raise ValueError(f"unknown model {kind!r}; valid: mlp, cnn")
+            raise ValueError(f"unknown model {kind!r}; valid: small_mlp, mlp, cnn")
         self.heads = nn.ModuleList(nn.Linear(width, 10) for _ in range(num_tasks))
         self.kind = kind
 
     def batch(self) -> tuple[Tensor, Tensor]:
         gen = torch.Generator().manual_seed(1)
-        shape = (BATCH, 256) if self.kind == "mlp" else (BATCH, 1, 28, 28)
-        x = torch.randn(shape, generator=gen)
-        y = torch.randint(0, 10, (BATCH, len(self.heads)), generator=gen)
+        batch = BATCH[self.kind]
+        features = {"small_mlp": (64,), "mlp": (256,), "cnn": (1, 28, 28)}[self.kind]
+        x = torch.randn((batch, *features), generator=gen)
+        y = torch.randint(0, 10, (batch, len(self.heads)), generator=gen)
         return x, y
 
     def losses(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
@@ -98,10 +114,10 @@ def _variants(model: MultiTaskNet) -> dict[str, Callable[[Tensor, Tensor], None]
         for t, loss in enumerate(losses):
             loss.backward(retain_graph=t < num_tasks - 1)
 
-    def method_step(method, mode="auto"):
+    def method_step(method, **options):
         def step(x, y):
             losses, z = model.losses(x, y)
-            method.backward(losses, shared=shared, features=z, jacobian_mode=mode)
+            method.backward(losses, shared=shared, features=z, **options)
 
         return step
 
@@ -110,9 +126,13 @@ def _variants(model: MultiTaskNet) -> dict[str, Callable[[Tensor, Tensor], None]
         "ew": method_step(taskbalance.EW()),
         "imtl_l": method_step(taskbalance.IMTLL(tasks=num_tasks)),
         "imtl_g_feature": method_step(taskbalance.IMTLG(level="feature")),
-        "imtl_g_feature_loop": method_step(taskbalance.IMTLG(level="feature"), "loop"),
+        "imtl_g_feature_loop": method_step(
+            taskbalance.IMTLG(level="feature"), jacobian_mode="loop"
+        ),
         "imtl_g_parameter": method_step(taskbalance.IMTLG(level="parameter")),
-        "imtl_g_parameter_loop": method_step(taskbalance.IMTLG(level="parameter"), "loop"),
+        "imtl_g_parameter_jacobian": method_step(
+            taskbalance.IMTLG(level="parameter"), gramian_path="jacobian"
+        ),
         "imtl_feature": method_step(taskbalance.IMTL(tasks=num_tasks)),
         "loop_t_backward": loop_t_backward,
     }
@@ -150,7 +170,8 @@ def time_variants(kind: str, num_tasks: int, rounds: int, zoo: bool = False) -> 
 
 
 def _zoo_variants(model: MultiTaskNet) -> dict[str, Callable[[Tensor, Tensor], None]]:
-    """The plain step and every registered method at its default level."""
+    """The plain step, every registered method at its default level, and IMTL-G at parameter
+    level (``imtl_g@parameter``), the reference of the methods that default to it."""
     shared = list(model.trunk.parameters())
 
     def plain(x, y):
@@ -167,7 +188,66 @@ def _zoo_variants(model: MultiTaskNet) -> dict[str, Callable[[Tensor, Tensor], N
     variants = {"sum_backward": plain}
     for name in taskbalance.list_methods():
         variants[name] = method_step(taskbalance.get_method(name, tasks=len(model.heads)))
+    variants["imtl_g@parameter"] = method_step(taskbalance.IMTLG(level="parameter"))
     return variants
+
+
+def zoo_ratios_to_imtl_g(times: dict[str, float]) -> dict[str, float]:
+    """Each gradient-level method's step time over IMTL-G's at the method's default level."""
+    reference = {"feature": times["imtl_g"], "parameter": times["imtl_g@parameter"]}
+    ratios = {}
+    for name in taskbalance.list_methods():
+        level = taskbalance.get_method(name, tasks=2).level
+        if level is not None:
+            ratios[name] = times[name] / reference[level]
+    return ratios
+
+
+def fixed_overhead(num_tasks: int, rounds: int) -> dict[str, float]:
+    """Median time (s) of each step's ``backward`` call spent outside autograd's engine, on the
+    small MLP: the per-step work of checks, solves and bookkeeping beyond the autograd work.
+
+    Both ``Tensor.backward`` and ``torch.autograd.grad`` run the engine through
+    ``torch.autograd._engine_run_backward``, which is timed here for the duration."""
+    model = MultiTaskNet("small_mlp", num_tasks)
+    x, y = model.batch()
+    shared = list(model.trunk.parameters())
+    methods: dict[str, taskbalance.Method | None] = {
+        "sum_backward": None,
+        "ew": taskbalance.EW(),
+        "imtl_g_feature": taskbalance.IMTLG(level="feature"),
+        "imtl_feature": taskbalance.IMTL(tasks=num_tasks),
+        "imtl_g_parameter": taskbalance.IMTLG(level="parameter"),
+    }
+    inside = [0.0]
+    engine = torch.autograd._engine_run_backward
+
+    def timed_engine(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return engine(*args, **kwargs)
+        finally:
+            inside[0] += time.perf_counter() - start
+
+    samples: dict[str, list[float]] = {name: [] for name in methods}
+    torch.autograd._engine_run_backward = timed_engine
+    try:
+        for round_ in range(rounds + 5):
+            for name, method in methods.items():
+                model.zero_grad(set_to_none=True)
+                losses, z = model.losses(x, y)
+                inside[0] = 0.0
+                start = time.perf_counter()
+                if method is None:
+                    sum(losses).backward()
+                else:
+                    method.backward(losses, shared=shared, features=z)
+                elapsed = time.perf_counter() - start
+                if round_ >= 5:
+                    samples[name].append(elapsed - inside[0])
+    finally:
+        torch.autograd._engine_run_backward = engine
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def _peak_bytes(step: Callable[[Tensor, Tensor], None], x: Tensor, y: Tensor) -> int:
@@ -196,9 +276,19 @@ def peak_extra_memory(kind: str, num_tasks: int, variants: list[str]) -> dict[st
     return {variant: peak(variant) - base for variant in variants}
 
 
+MEMORY_VARIANTS = [
+    "imtl_g_parameter",
+    "imtl_g_parameter_jacobian",
+    "loop_t_backward",
+    "torchjd_imtlg",
+]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    parser.add_argument(
+        "--models", nargs="+", default=list(BATCH), choices=list(BATCH), help="trunks to time"
+    )
     parser.add_argument("--tasks", nargs="+", type=int, default=[2, 3, 5, 8, 32])
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds per variant")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
@@ -212,17 +302,23 @@ def main() -> None:
             times = time_variants(kind, num_tasks, args.rounds)
             row = _row(kind, num_tasks, times)
             if not args.no_memory:
-                row["extra_peak_bytes"] = peak_extra_memory(
-                    kind, num_tasks, ["imtl_g_parameter", "loop_t_backward", "torchjd_imtlg"]
-                )
+                row["extra_peak_bytes"] = peak_extra_memory(kind, num_tasks, MEMORY_VARIANTS)
             rows.append(row)
             print(_format_row(row), flush=True)
+    overhead = {name: 1e3 * t for name, t in fixed_overhead(3, 10 * args.rounds).items()}
+    print("overhead (ms outside autograd, small_mlp T=3):", _format_numbers(overhead), flush=True)
     zoo = []
     if not args.no_zoo:
         for num_tasks in (3, 32):
-            row = _row("mlp", num_tasks, time_variants("mlp", num_tasks, args.rounds, zoo=True))
+            times = time_variants("mlp", num_tasks, args.rounds, zoo=True)
+            row = _row("mlp", num_tasks, times)
+            row["ratio_to_imtl_g_same_level"] = zoo_ratios_to_imtl_g(times)
             zoo.append(row)
             print("zoo", _format_row(row), flush=True)
+            print("zoo / imtl_g", _format_numbers(row["ratio_to_imtl_g_same_level"]), flush=True)
+    targets = _targets(rows, overhead, zoo)
+    for target in targets:
+        print("target", _format_target(target), flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         json.dumps(
@@ -232,12 +328,77 @@ def main() -> None:
                 "batch": BATCH,
                 "rounds": args.rounds,
                 "rows": rows,
+                "overhead_ms": overhead,
                 "zoo": zoo,
+                "targets": targets,
             },
             indent=1,
         )
     )
     print(f"wrote {RESULTS}")
+
+
+def _targets(rows: list[dict], overhead: dict[str, float], zoo: list[dict]) -> list[dict]:
+    """Every figure of the speed issue next to its target (a figure whose run was skipped,
+    e.g. by --models or --no-zoo, is left out)."""
+    found = []
+
+    def add(figure: str, value: float, bound: float, at_most: bool = True) -> None:
+        met = value <= bound if at_most else value >= bound
+        found.append(
+            {"figure": figure, "value": value, "target": bound, "at_most": at_most, "met": met}
+        )
+
+    add("fixed overhead of imtl_g_feature (ms), small_mlp T=3", overhead["imtl_g_feature"], 0.15)
+    add("fixed overhead of ew (ms), small_mlp T=3", overhead["ew"], 0.15)
+    by_key = {(row["model"], row["tasks"]): row for row in rows}
+    for model, tasks, bound in (("small_mlp", 3, 1.3), ("cnn", 3, 1.15)):
+        row = by_key.get((model, tasks))
+        if row:
+            ratios = row["ratio_to_sum_backward"]
+            add(
+                f"imtl_g_feature / ew, {model} T={tasks}",
+                ratios["imtl_g_feature"] / ratios["ew"],
+                bound,
+            )
+    for model in ("mlp", "cnn"):
+        row = by_key.get((model, 32))
+        if not row:
+            continue
+        ratios = row["ratio_to_sum_backward"]
+        add(
+            f"imtl_g_parameter / loop_t_backward, {model} T=32",
+            ratios["imtl_g_parameter"] / ratios["loop_t_backward"],
+            1.1,
+        )
+        if "torchjd_imtlg" in ratios:
+            add(
+                f"torchjd_imtlg / imtl_g_parameter, {model} T=32",
+                ratios["torchjd_imtlg"] / ratios["imtl_g_parameter"],
+                1.5,
+                at_most=False,
+            )
+        if "extra_peak_bytes" in row:
+            extra = row["extra_peak_bytes"]["imtl_g_parameter"] / row["jacobian_bytes"]
+            add(f"extra peak memory of imtl_g_parameter (x Jacobian), {model} T=32", extra, 0.5)
+    for row in zoo:
+        for name, ratio in row["ratio_to_imtl_g_same_level"].items():
+            method = type(taskbalance.get_method(name, tasks=2))
+            if method.requires is taskbalance.Requirement.GRAMIAN and name != "imtl_g":
+                add(f"{name} / imtl_g (same level), mlp T={row['tasks']}", ratio, 1.2)
+            elif name in ("moco", "excess_mtl"):
+                add(f"{name} / imtl_g (same level), mlp T={row['tasks']}", ratio, 2.0)
+    return found
+
+
+def _format_target(target: dict) -> str:
+    sign = "<=" if target["at_most"] else ">="
+    verdict = "met" if target["met"] else "MISSED"
+    return f"{target['figure']}: {target['value']:.3g} (target {sign} {target['target']}) {verdict}"
+
+
+def _format_numbers(numbers: dict[str, float]) -> str:
+    return " ".join(f"{name}={value:.3g}" for name, value in numbers.items())
 
 
 def _row(kind: str, num_tasks: int, times: dict[str, float]) -> dict:
@@ -246,6 +407,7 @@ def _row(kind: str, num_tasks: int, times: dict[str, float]) -> dict:
         "model": kind,
         "tasks": num_tasks,
         "shared_params": shared_numel,
+        "batch": BATCH[kind],
         "jacobian_bytes": num_tasks * shared_numel * 4,
         "sum_backward_ms": 1e3 * times["sum_backward"],
         "ratio_to_sum_backward": {n: t / times["sum_backward"] for n, t in times.items()},

@@ -56,6 +56,18 @@ class Tied(nn.Module):
         return self.linear(torch.tanh(self.linear(torch.tanh(self.first(x)))))
 
 
+class Addmm(nn.Module):
+    """``addmm(first, x, W)``: ``first`` a bias of shape (1, out), or a full matrix."""
+
+    def __init__(self, first_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.first = nn.Parameter(torch.randn(first_shape))
+        self.weight = nn.Parameter(torch.randn(5, 6))
+
+    def forward(self, x):
+        return torch.tanh(torch.addmm(self.first, x, self.weight))
+
+
 def _trunk_and_input(kind: str):
     gen = torch.Generator().manual_seed(3)
     if kind == "linear":
@@ -75,6 +87,9 @@ def _trunk_and_input(kind: str):
             nn.Flatten(),
         )
         x = torch.randn(2, 2, 5, 5, generator=gen)
+    elif kind == "addmm_row_bias":
+        trunk = Addmm((1, 6))
+        x = torch.randn(4, 5, generator=gen)
     elif kind == "layernorm":
         trunk = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, 6))
         x = torch.randn(4, 5, generator=gen)
@@ -105,6 +120,7 @@ def _losses(trunk: nn.Module, x: torch.Tensor, seed: int = 0):
         ("linear", 2, 0),
         ("linear_3d_input", 2, 0),
         ("matmul", 2, 0),
+        ("addmm_row_bias", 1, 0),
         ("conv2d", 2, 0),
         ("layernorm", 2, 0),
         ("embedding", 1, 1),
@@ -188,6 +204,7 @@ def test_gradients_is_the_same_on_both_paths():
         (Scaled(), "read by MulBackward0, for which the layerwise Gramian has no rule"),
         (Tied(), r"read by 2 autograd nodes \(AddmmBackward0\)"),
         (nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten()), "non-2-D convolution"),
+        (Addmm((4, 6)), "an addmm whose first argument is not a bias"),
     ],
 )
 def test_forced_layerwise_names_the_uncovered_layer(module, reason):

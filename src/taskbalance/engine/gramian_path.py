@@ -261,7 +261,11 @@ def _add_layer(
         return
     layer = _rows(node, roles, params)
     if layer is None:
-        reason = f"read by {kind} (a transposed, grouped or non-2-D convolution), which has no rule"
+        what = {
+            "ConvolutionBackward0": "a transposed, grouped or non-2-D convolution",
+            "AddmmBackward0": "an addmm whose first argument is not a bias over the rows",
+        }[kind]
+        reason = f"read by {kind} ({what}), which has no rule"
         _uncover(plan, members, params, reason)
         return
     if layer.route(num_tasks, force) == "rows":
@@ -287,6 +291,9 @@ def _rows(node: Node, roles: dict[str, int], params: Sequence[Tensor]) -> _Rows 
         rows = node._saved_mat1
         alpha, beta = float(node._saved_alpha), float(node._saved_beta)
         bias = roles.get("bias")
+        fan_out = shape[0] if transposed else shape[-1]
+        if bias is not None and params[bias].numel() != fan_out:
+            return None  # addmm's first argument is a matrix, not a bias broadcast over rows
         return _Rows(node, weight, bias, size, lambda: rows, _same, shape, transposed, alpha, beta)
     if kind == "MmBackward0":
         size = node._saved_self_sym_sizes[0]
@@ -460,7 +467,8 @@ class LayerwiseGramian:
                 grad = mixed.T @ layer.rows if layer.transposed else layer.rows.T @ mixed
                 update[layer.weight] = (grad * layer.alpha).reshape(layer.weight_shape)
             if layer.bias is not None:
-                update[layer.bias] = mixed.sum(dim=0) * layer.beta
+                bias_shape = self.params[layer.bias].shape  # (out,) or (1, out)
+                update[layer.bias] = (mixed.sum(dim=0) * layer.beta).reshape(bias_shape)
         for layer, table in zip(self.plan.embeddings, self._table_grads, strict=True):
             if table is None:
                 continue

@@ -70,9 +70,9 @@ protocols (--protocol; explicit options override any field):
   paper: the papers' data sizes. QM9: all 110,000 training molecules, 10,000 validation,
     10,831 test, 30 epochs; census_income: the whole training file (a seeded tenth held out
     for validation) and the whole test file, MMoE, 10 epochs; multi_mnist: 50,000 / 10,000 /
-    10,000 pairs, 10 epochs. 3 seeds, grid 3e-3, 1e-3 on seed 0, the seed methods and 10
-    baselines. Hours per data set on 2 CPU cores: run it in the background, --resume after an
-    interruption.
+    10,000 pairs, 10 epochs. 3 seeds, grid 3e-3, 1e-3 on seed 0, the 5 seed methods and 11
+    baselines (EW among them). Hours per data set on 2 CPU cores: run it in the background
+    and continue it with --resume after an interruption.
   --tune: the lr grid 3e-3, 1e-3, 3e-4 for every method and baseline, chosen per method on
   validation.
 
@@ -82,7 +82,8 @@ selection: every run keeps the epoch with the best validation criterion, and eve
   validation Delta m % against the single-task baselines of the same seed (which themselves
   select by validation loss); loss, the mean validation loss over tasks.
 
-outputs (--out): results.csv, results.json, report.md, validation_curves.png, task_weights.png,
+outputs (--out): results.csv, results.json, report.md, delta_m.png, relative_error.png (3+
+  tasks), validation_curves.png, task_weights.png,
   rt_spread.png and au_shares.png (from diagnostics sampled every --record-every steps, written
   to diagnostics.csv), train.log, checkpoints/ (one per run, written after every epoch so
   that --resume continues an interrupted run; a finished run's keeps only its result unless

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.metadata
 import os
 import platform
 import re
@@ -41,6 +40,7 @@ from typing import Any
 
 import torch
 
+from taskbalance import __version__
 from taskbalance.bench.data import load_dataset
 from taskbalance.bench.data.types import MultiTaskData, split_indices
 from taskbalance.bench.parallel import current_world
@@ -345,10 +345,6 @@ def setup_fields(
     model, the library, torch, machine, threads and the wall time. Fields with nothing to say
     (no loss scale, no model options, one process) are left out, never printed empty."""
     world = current_world()
-    try:
-        version = importlib.metadata.version("taskbalance")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
     grid = ", ".join(f"{lr:g}" for lr in config.lrs)
     if len(config.lrs) > 1:
         grid += f" on seed(s) {list(grid_seeds)}, chosen per method on validation"
@@ -373,7 +369,7 @@ def setup_fields(
         if any(t.kind == "regression" for t in data.tasks)
         else "",
         "loss scale": ", ".join(f"{k} x{v:g}" for k, v in config.loss_scale.items()),
-        "taskbalance": version,
+        "taskbalance": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": f"{cpu_model()} ({platform.machine()}), {os.cpu_count()} CPU(s) visible",

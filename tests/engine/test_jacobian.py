@@ -57,7 +57,7 @@ def test_auto_mode_falls_back_to_the_loop_with_one_warning(monkeypatch):
     def no_batching(outputs, inputs):
         raise RuntimeError("Batching rule not implemented for aten::fake")
 
-    monkeypatch.setattr(jacobian_module, "_batched", no_batching)
+    monkeypatch.setattr(jacobian_module, "batched_grads", no_batching)
     monkeypatch.setattr(jacobian_module, "_warned_fallback", False)
     x = torch.ones(3, requires_grad=True)
     outputs = [x.sum(), (x * x).sum()]
@@ -76,7 +76,7 @@ def test_auto_mode_uses_the_loop_on_cpu(monkeypatch):
     def fail(outputs, inputs):
         raise AssertionError("the batched path must not run on CPU in auto mode")
 
-    monkeypatch.setattr(jacobian_module, "_batched", fail)
+    monkeypatch.setattr(jacobian_module, "batched_grads", fail)
     x = torch.ones(2, requires_grad=True)
     task_jacobian([x.sum()], [x], "auto")
 

@@ -148,17 +148,10 @@ def ddp_worker(rank: int, world_size: int, port: int, folder: str) -> None:
     together see each batch of 8 that the one-process loop sees."""
     import os
 
-    from support.ranks import exit_now
+    from support.ranks import exit_now, set_torchrun_env
     from taskbalance.integrations.huggingface import MultiTaskTrainer
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(world_size),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world_size),
-    )
+    set_torchrun_env(rank, world_size, port)
     torch.set_num_threads(1)
     results = []
     for name in DDP_METHODS:

@@ -171,16 +171,9 @@ def ddp_worker(rank: int, world_size: int, port: int, configs: list[int], out_fi
     rank 0 save the parameters."""
     import os
 
-    from support.ranks import exit_now
+    from support.ranks import exit_now, set_torchrun_env
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(world_size),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
-    )
+    set_torchrun_env(rank, world_size, port)
     torch.set_num_threads(1)
     results = []
     for method, options, optimizer in (DDP_CONFIGS[index] for index in configs):

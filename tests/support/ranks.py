@@ -89,6 +89,20 @@ def worker(rank: int, world_size: int, init_file: str, configs: list, out_file: 
     exit_now()
 
 
+def set_torchrun_env(rank: int, world_size: int, port: int) -> None:
+    """Set the environment torchrun gives a rank on one machine (the frameworks under test
+    read it to join the process group)."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world_size),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        NODE_RANK="0",
+    )
+
+
 def exit_now() -> None:
     """End this rank without the interpreter's teardown. About one run in five on this
     machine, a rank's process aborted after its work was done ("terminate called without an

@@ -49,6 +49,7 @@ from torch.nn import functional
 from taskbalance.engine.jacobian import (
     JacobianMode,
     Workspace,
+    batched_grads,
     batching_pays_off,
     seed_one,
     warn_batching_fallback,
@@ -385,7 +386,7 @@ class LayerwiseGramian:
         passes = None
         if mode == "batched" or (mode == "auto" and batching_pays_off(outputs[0].device)):
             try:
-                passes = [(slice(None), _batched_grads(outputs, edges))]
+                passes = [(slice(None), batched_grads(outputs, edges))]
             except RuntimeError as error:
                 if mode == "batched":
                     raise
@@ -493,17 +494,3 @@ def _task_grads(
         output, edges, grad_outputs=one, retain_graph=True, allow_unused=True
     )
     return [None if g is None else g.unsqueeze(0) for g in grads]
-
-
-def _batched_grads(outputs: Sequence[Tensor], edges: list[GradientEdge | Tensor]) -> list:
-    basis = torch.eye(len(outputs), dtype=outputs[0].dtype, device=outputs[0].device)
-    return list(
-        torch.autograd.grad(
-            [output.reshape(()) for output in outputs],
-            edges,
-            grad_outputs=list(basis.unbind(dim=1)),
-            retain_graph=True,
-            allow_unused=True,
-            is_grads_batched=True,
-        )
-    )

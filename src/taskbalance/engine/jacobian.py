@@ -109,7 +109,7 @@ def task_jacobian(
     try:
         if mode == "batched" or (mode == "auto" and batching_pays_off(outputs[0].device)):
             try:
-                return _batched(outputs, inputs)
+                return batched_grads(outputs, inputs)
             except RuntimeError as error:
                 if mode == "batched":
                     raise
@@ -134,7 +134,10 @@ def batching_pays_off(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
-def _batched(outputs: Sequence[Tensor], inputs: Sequence[Tensor]) -> Blocks:
+def batched_grads(outputs: Sequence[Tensor], inputs: Sequence) -> Blocks:
+    """The gradients of every output w.r.t. ``inputs`` (tensors or autograd ``GradientEdge``s)
+    in one batched backward: one block ``(T, *input.shape)`` per input (``None`` where no
+    output reaches it)."""
     num_tasks = len(outputs)
     basis = torch.eye(num_tasks, dtype=outputs[0].dtype, device=outputs[0].device)
     grads = torch.autograd.grad(

@@ -53,6 +53,7 @@ from taskbalance.engine.gramian_path import (
     GramianPath,
     LayerwiseGramian,
     UncoveredLayerError,
+    jacobian_fits,
     plan_layers,
 )
 from taskbalance.engine.requirement import Requirement
@@ -290,7 +291,10 @@ def _layerwise(
                 "T x T reduction)"
             )
         return None
-    plan = plan_layers(outputs, params, force=path == "layerwise")
+    # "auto" also takes the layerwise path, every covered layer by rows, when the Jacobian would
+    # not fit in memory, even where the blocks cost fewer flops.
+    too_big = path == "auto" and not jacobian_fits(len(outputs), params)
+    plan = plan_layers(outputs, params, force=path == "layerwise" or too_big)
     if plan.uncovered:
         names = [n for n, _ in module.named_parameters()] if isinstance(module, nn.Module) else None
         listed = "; ".join(item.describe(names) for item in plan.uncovered)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import taskbalance
+import taskbalance.engine.gramian_path as gramian_path_module
 from taskbalance import apply as apply_module
 from taskbalance.engine import (
     LayerwiseGramian,
@@ -278,3 +279,27 @@ def test_unknown_path_is_an_error():
     losses, _ = _losses(trunk, x)
     with pytest.raises(ValueError, match="gramian_path must be"):
         taskbalance.IMTLG(level="parameter").backward(losses, shared=trunk, gramian_path="fast")
+
+
+def test_auto_takes_the_layerwise_path_when_the_jacobian_would_not_fit(monkeypatch):
+    width, batch = 64, 96  # by flops the blocks win here, by memory the rows
+    trunk = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width)).double()
+    x = torch.randn(batch, width, dtype=torch.float64)
+    assert not plan_layers(_losses(trunk, x)[0], list(trunk.parameters()), force=False).saves_work
+    expected = _grads_after(trunk, x, "jacobian")
+    jacobian_bytes = NUM_TASKS * sum(p.numel() for p in trunk.parameters()) * 8
+    assert gramian_path_module.jacobian_fits(NUM_TASKS, list(trunk.parameters()))
+    monkeypatch.setattr(gramian_path_module, "available_memory", lambda device: jacobian_bytes)
+    assert not gramian_path_module.jacobian_fits(NUM_TASKS, list(trunk.parameters()))
+    calls = _count_jacobian_calls(monkeypatch)
+    got = _grads_after(trunk, x, "auto")
+    assert not calls  # no Jacobian of the parameters was formed
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def _grads_after(trunk: nn.Module, x: torch.Tensor, path: str) -> list[torch.Tensor]:
+    trunk.zero_grad(set_to_none=True)
+    losses, _ = _losses(trunk, x)
+    taskbalance.IMTLG(level="parameter").backward(losses, shared=trunk, gramian_path=path)
+    return [p.grad.clone() for p in trunk.parameters()]

@@ -37,6 +37,7 @@ the shared parameters need no further backward.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -155,6 +156,36 @@ class LayerPlan:
     def saves_work(self) -> bool:
         """Whether some layer avoids its Jacobian block (else the Jacobian path is as cheap)."""
         return bool(self.rows or self.embeddings)
+
+
+#: The share of the free memory the T x n Jacobian may take before ``"auto"`` avoids it: the rest
+#: of the step (activations, their gradients, the optimizer) needs the remainder.
+JACOBIAN_MEMORY_SHARE = 0.5
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on ``device``: CUDA's free memory, or the host's available memory on Linux
+    (``None`` where it cannot be read: the Jacobian is then assumed to fit)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return None
+    return None
+
+
+def jacobian_fits(num_tasks: int, params: Sequence[Tensor]) -> bool:
+    """Whether the ``T x n`` Jacobian of ``params`` takes at most :data:`JACOBIAN_MEMORY_SHARE`
+    of the free memory of their device.
+
+    >>> jacobian_fits(3, [torch.zeros(10)])
+    True
+    """
+    size = num_tasks * sum(p.numel() * p.element_size() for p in params)
+    free = available_memory(params[0].device) if params else None
+    return free is None or size <= JACOBIAN_MEMORY_SHARE * free
 
 
 def plan_layers(outputs: Sequence[Tensor], params: Sequence[Tensor], force: bool) -> LayerPlan:

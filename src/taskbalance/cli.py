@@ -437,6 +437,7 @@ def _bench_in_world(args: argparse.Namespace) -> None:
     from taskbalance.bench.data import ChecksumError, FetchError
     from taskbalance.bench.determinism import make_deterministic
     from taskbalance.bench.parallel import barrier, current_world, local_device
+    from taskbalance.bench.runner import CheckpointMismatchError
 
     world = current_world()
     say = print if world.main else (lambda *_args, **_kw: None)
@@ -474,10 +475,16 @@ def _bench_in_world(args: argparse.Namespace) -> None:
     )
     command = f"{launcher} {shlex.join(args.argv)}"
     say(f"methods: {', '.join(m.label for m in config.methods)}")
-    result = run_benchmark(
-        config, data=data, command=command.strip(), progress=not args.no_progress,
-        verbose=args.verbose, notes=notes,
-    )  # fmt: skip
+    try:
+        result = run_benchmark(
+            config, data=data, command=command.strip(), progress=not args.no_progress,
+            verbose=args.verbose, notes=notes,
+        )  # fmt: skip
+    except CheckpointMismatchError as error:
+        raise SystemExit(
+            f"taskbalance bench: {error}; resume with the options that wrote it, or use "
+            "another --out"
+        ) from None
     say()
     say(result.table)
     say()

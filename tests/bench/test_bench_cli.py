@@ -102,6 +102,11 @@ def test_bench_runs_offline_end_to_end_and_says_where_it_wrote(monkeypatch, tmp_
     assert "fixed learning rate" in out and str(tmp_path / "results.csv") in out
     assert (tmp_path / "report.md").exists() and (tmp_path / "checkpoints").is_dir()
     assert main([*argv, "--resume"]) == 0  # finished runs are read back
+    with pytest.raises(SystemExit) as caught:  # other data under the same --out: one line
+        main([*argv, "--resume", "--train-size", "40"])
+    message = str(caught.value.code)
+    assert message.startswith("taskbalance bench: ") and "written for other data" in message
+    assert "another --out" in message and "\n" not in message
 
 
 def test_loss_scale_on_an_unknown_task_lists_the_tasks(monkeypatch, tmp_path):

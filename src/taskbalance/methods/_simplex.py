@@ -14,13 +14,20 @@ need for cvxpy or scipy at run time:
 - :func:`power_equation`: the positive solution of ``K a = a^(-1/alpha)`` by damped Newton
   (Nash-MTL is ``alpha = 1``, FairGrad any ``alpha > 0``).
 
-All solve in float64 on the CPU-side dtype they are given (callers upcast), and return float64.
+All of them solve in float64 numpy arrays on the host: a T x T problem costs a few dozen small
+operations per iteration, and each torch operation on such a tensor costs several microseconds
+of dispatch (a numpy one about one), which made the solves dominate cheap steps (CAGrad's 10-40
+QPs took 6 ms at T = 3 in torch, a plain step of the benchmark MLP 7 ms). The tensor-facing
+functions convert once on the way in (one device round trip for a CUDA Gramian, which the
+engine's finiteness check makes anyway) and return float64 tensors on the input's device.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -35,6 +42,49 @@ def check_gramian(gramian: Tensor) -> None:
     """
     if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1] or gramian.shape[0] == 0:
         raise ValueError(f"a Gramian must be a non-empty square matrix, got {tuple(gramian.shape)}")
+
+
+def to_host(tensor: Tensor) -> np.ndarray:
+    """``tensor`` as a float64 numpy array on the host (no copy for a CPU float64 tensor).
+
+    >>> to_host(torch.tensor([1.0, 2.0])).dtype
+    dtype('float64')
+    """
+    return tensor.detach().to(device="cpu", dtype=torch.float64).numpy()
+
+
+def to_tensor(array: np.ndarray, like: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``array`` as a tensor of ``dtype`` on ``like``'s device.
+
+    >>> to_tensor(np.ones(2), torch.zeros(1))
+    tensor([1., 1.], dtype=torch.float64)
+    """
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device=like.device, dtype=dtype)
+
+
+def symmetric_pinv(matrix: np.ndarray) -> np.ndarray:
+    """The pseudo-inverse of a symmetric matrix, with ``torch.linalg.pinv(hermitian=True)``'s
+    default cut-off: eigenvalues with ``|e| <= n eps max|e|`` count as zero.
+
+    >>> symmetric_pinv(np.diag([2.0, 0.0]))
+    array([[0.5, 0. ],
+           [0. , 0. ]])
+    """
+    eigenvalues, vectors = np.linalg.eigh(matrix)
+    return (vectors * inverse_eigenvalues(eigenvalues, matrix.shape[-1])) @ vectors.T
+
+
+def inverse_eigenvalues(
+    eigenvalues: np.ndarray, size: int, eps: float = float(np.finfo(np.float64).eps)
+) -> np.ndarray:
+    """``1 / e`` for the eigenvalues above the cut-off ``size * eps * max|e|``, else 0.
+
+    >>> inverse_eigenvalues(np.array([1e-20, 2.0]), 2)
+    array([0. , 0.5])
+    """
+    magnitude = np.abs(eigenvalues)
+    kept = magnitude > size * eps * magnitude.max(initial=0.0)
+    return np.where(kept, 1.0 / np.where(kept, eigenvalues, 1.0), 0.0)
 
 
 def project_simplex(vector: Tensor) -> Tensor:
@@ -52,16 +102,15 @@ def project_simplex(vector: Tensor) -> Tensor:
         raise ValueError(
             f"project_simplex needs a non-empty vector, got shape {tuple(vector.shape)}"
         )
-    ordered, _ = torch.sort(vector, descending=True)
-    cumulative = ordered.cumsum(0) - 1
-    ranks = torch.arange(1, vector.numel() + 1, dtype=vector.dtype, device=vector.device)
+    v = to_host(vector)
+    ordered = np.sort(v)[::-1]
+    cumulative = np.cumsum(ordered) - 1
     # The largest k with ordered[k-1] > (cumsum_k - 1) / k fixes the threshold.
-    count = int((ordered * ranks > cumulative).nonzero().max()) + 1
-    tau = cumulative[count - 1] / count
-    return (vector - tau).clamp_min(0)
+    count = int(np.flatnonzero(ordered * np.arange(1, v.size + 1) > cumulative).max()) + 1
+    return to_tensor(np.maximum(v - cumulative[count - 1] / count, 0.0), vector, vector.dtype)
 
 
-def _solve(matrix: Tensor, rhs: Tensor, face: Tensor) -> Tensor:
+def _solve(matrix: np.ndarray, rhs: np.ndarray, face: np.ndarray) -> np.ndarray:
     """Solutions of a batch of symmetric systems: LU where well-posed, else the minimum-norm
     least-squares solution (pseudo-inverse).
 
@@ -70,60 +119,74 @@ def _solve(matrix: Tensor, rhs: Tensor, face: Tensor) -> Tensor:
     The well-posedness test and the pseudo-inverse use the face's own system, as if it had been
     cut out: the padding would otherwise move the pseudo-inverse's cut-off.
     """
-    solution, info = torch.linalg.solve_ex(matrix, rhs)
-    own = matrix.masked_fill(~(face[:, :, None] & face[:, None, :]), 0.0)
-    residual = (matrix @ solution[..., None]).squeeze(-1) - rhs
-    bound = 1e-10 * (rhs.norm(dim=1) + own.flatten(1).norm(dim=1) * solution.norm(dim=1))
-    good = (info == 0) & torch.isfinite(solution).all(dim=1) & (residual.norm(dim=1) <= bound)
-    if bool(good.all()):
+    try:
+        solution = np.linalg.solve(matrix, rhs[..., None])[..., 0]
+    except np.linalg.LinAlgError:  # an exactly singular face somewhere: test each
+        solution = np.full_like(rhs, np.nan)
+        for p in range(rhs.shape[0]):
+            with contextlib.suppress(np.linalg.LinAlgError):  # stays NaN: not well-posed
+                solution[p] = np.linalg.solve(matrix[p], rhs[p])
+    own = np.where(face[:, :, None] & face[:, None, :], matrix, 0.0)
+    residual = (matrix @ solution[..., None])[..., 0] - rhs
+    norm = np.linalg.norm
+    size = norm(own.reshape(len(own), -1), axis=1) * norm(solution, axis=1)
+    bound = 1e-10 * (norm(rhs, axis=1) + size)
+    good = np.isfinite(solution).all(axis=1) & (norm(residual, axis=1) <= bound)
+    if good.all():
         return solution
-    solution = torch.where(good[:, None], solution, 0.0)
-    for p in (~good).nonzero().flatten().tolist():  # rare: a singular face
-        idx = face[p].nonzero().flatten()
-        reduced = matrix[p][idx][:, idx]
-        solution[p, idx] = torch.linalg.pinv(reduced, hermitian=True) @ rhs[p, idx]
+    solution = np.where(good[:, None], solution, 0.0)
+    for p in np.flatnonzero(~good):  # rare: a singular face
+        idx = np.flatnonzero(face[p])
+        solution[p, idx] = symmetric_pinv(matrix[p][np.ix_(idx, idx)]) @ rhs[p, idx]
     return solution
 
 
-def _face_minimisers(q: Tensor, b: Tensor, weights: Tensor, free: Tensor, simplex: bool) -> Tensor:
+def _face_minimisers(
+    q: np.ndarray, b: np.ndarray, weights: np.ndarray, free: np.ndarray, simplex: bool
+) -> np.ndarray:
     """For every problem, the minimiser of its objective on its free face (bound coordinates
     at zero; on the simplex, also ``weights^T y = 1``), as one batched solve.
 
-    A single problem's face is cut out (a smaller system and fewer kernels); a batch's faces
-    are padded with the identity on their bound coordinates, so that they share one size."""
+    A single problem's face is cut out (a smaller system); a batch's faces are padded with the
+    identity on their bound coordinates, so that they share one size."""
     count, num = free.shape
     if count == 1:
-        idx = free[0].nonzero().flatten()
-        target = q.new_zeros(1, num)
-        if idx.numel():
-            face_q, rhs, every = q[idx][:, idx][None], -b[:, idx], free[:, idx]
+        idx = np.flatnonzero(free[0])
+        target = np.zeros((1, num))
+        if idx.size:
+            face_q, rhs, every = q[np.ix_(idx, idx)][None], -b[:, idx], free[:, idx]
             target[:, idx] = (
                 _bordered(face_q, rhs, weights[idx][None], every)
                 if simplex
                 else _solve(face_q, rhs, every)
             )
         return target
-    both = free[:, :, None] & free[:, None, :]
-    bound = torch.diag_embed((~free).to(q.dtype))
-    rhs = (-b).masked_fill(~free, 0.0)
-    face_q = q.masked_fill(~both, 0.0) + bound
+    face_q = np.where(free[:, :, None] & free[:, None, :], q, 0.0)
+    diagonal = np.arange(num)
+    face_q[:, diagonal, diagonal] += ~free
+    rhs = np.where(free, -b, 0.0)
     if not simplex:
         return _solve(face_q, rhs, free)
-    return _bordered(face_q, rhs, weights.masked_fill(~free, 0.0), free)
+    return _bordered(face_q, rhs, np.where(free, weights, 0.0), free)
 
 
-def _bordered(face_q: Tensor, rhs: Tensor, border: Tensor, face: Tensor) -> Tensor:
+def _bordered(
+    face_q: np.ndarray, rhs: np.ndarray, border: np.ndarray, face: np.ndarray
+) -> np.ndarray:
     """The face's minimiser under ``border^T y = 1``: its bordered (KKT) system."""
     count, num = rhs.shape
-    matrix = face_q.new_zeros(count, num + 1, num + 1)
+    matrix = np.zeros((count, num + 1, num + 1))
     matrix[:, :num, :num] = face_q
     matrix[:, :num, num] = border
     matrix[:, num, :num] = border
-    full_rhs = torch.cat([rhs, rhs.new_ones(count, 1)], dim=1)
-    return _solve(matrix, full_rhs, torch.cat([face, face.new_ones(count, 1)], dim=1))[:, :num]
+    full_rhs = np.concatenate([rhs, np.ones((count, 1))], axis=1)
+    full_face = np.concatenate([face, np.ones((count, 1), dtype=bool)], axis=1)
+    return _solve(matrix, full_rhs, full_face)[:, :num]
 
 
-def _active_set(q: Tensor, b: Tensor, simplex: bool, max_iter: int | None) -> Tensor:
+def active_set(
+    q: np.ndarray, b: np.ndarray, simplex: bool, max_iter: int | None = None
+) -> np.ndarray:
     """``min 1/2 x^T Q x + b^T x`` over ``x >= 0`` (and ``sum(x) = 1`` when ``simplex``).
 
     Primal active-set method (Nocedal & Wright, Algorithm 16.3): keep a feasible iterate and a
@@ -140,66 +203,75 @@ def _active_set(q: Tensor, b: Tensor, simplex: bool, max_iter: int | None) -> Te
 
     ``b`` may be a batch ``(P, T)`` of linear terms sharing ``Q`` (UPGrad's T projections): the
     P problems are solved together, one batched face solve per iteration, each problem taking
-    exactly the steps it would take alone and stopping at its own optimum.
+    exactly the steps it would take alone and stopping at its own optimum. Arrays are float64.
+
+    >>> active_set(np.diag([1.0, 4.0]), np.zeros(2), simplex=True)
+    array([0.8, 0.2])
     """
-    single = b.dim() == 1
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        return _active_set(q, b, simplex, max_iter)
+
+
+def _active_set(q: np.ndarray, b: np.ndarray, simplex: bool, max_iter: int | None) -> np.ndarray:
+    single = b.ndim == 1
     b = b.reshape(-1, q.shape[0])
     count, num = b.shape
-    diagonal = q.diagonal().clamp_min(0)
+    diagonal = np.maximum(np.diagonal(q), 0.0)
     positive = diagonal > 0
-    unit = diagonal[positive].max() if positive.any() else diagonal.new_ones(())
-    scale = torch.where(positive, diagonal.clamp_min(1e-300).rsqrt(), unit.rsqrt())
+    unit = diagonal[positive].max() if positive.any() else 1.0
+    scale = np.where(positive, 1.0 / np.sqrt(np.maximum(diagonal, 1e-300)), 1.0 / np.sqrt(unit))
     q = scale[:, None] * q * scale[None, :]
     b = scale * b
     weights = scale  # x = scale * y, so sum(x) = weights^T y
     if simplex:
-        y = (weights / (weights @ weights)).expand(count, num).clone()  # x proportional to 1/D
-        free = torch.ones(count, num, dtype=torch.bool, device=q.device)
+        y = np.tile(weights / (weights @ weights), (count, 1))  # x proportional to 1/D
+        free = np.ones((count, num), dtype=bool)
     else:
-        y = q.new_zeros(count, num)
-        free = torch.zeros(count, num, dtype=torch.bool, device=q.device)
-    running = torch.ones(count, dtype=torch.bool, device=q.device)
-    columns = torch.arange(num, device=q.device)
+        y = np.zeros((count, num))
+        free = np.zeros((count, num), dtype=bool)
+    running = np.ones(count, dtype=bool)
+    rows, columns = np.arange(count), np.arange(num)
     max_iter = 20 * num + 50 if max_iter is None else max_iter
     for _ in range(max_iter):
         # Only the problems still running are solved (UPGrad's finish at different times).
-        live = running.nonzero().flatten()
-        if live.numel() == 0:
+        if not running.any():
             break
-        if live.numel() == count:
+        if running.all():
             step = _face_minimisers(q, b, weights, free, simplex) - y
         else:
-            step = torch.zeros_like(y)
-            step[live] = _face_minimisers(q, b[live], weights, free[live], simplex) - y[live]
-        moves = step.abs().amax(dim=1) > _TOL * (1 + y.abs().amax(dim=1))
+            step = np.zeros_like(y)
+            step[running] = (
+                _face_minimisers(q, b[running], weights, free[running], simplex) - y[running]
+            )
+        moves = np.abs(step).max(axis=1) > _TOL * (1 + np.abs(y).max(axis=1))
         # At the face's minimum: free the most negative multiplier, or stop.
         curvature = y @ q
-        grad = curvature + b
-        multipliers = grad
+        multipliers = curvature + b
         if simplex:
             # The multiplier of the sum constraint, by least squares over the free face.
-            w_f = weights.masked_fill(~free, 0.0)
-            level = -(grad * w_f).sum(dim=1) / (w_f * w_f).sum(dim=1).clamp_min(1e-300)
-            multipliers = grad + level[:, None] * weights
-        lowest, entering = multipliers.masked_fill(free, torch.inf).min(dim=1)
-        size = (curvature * y).sum(dim=1).clamp_min(0).sqrt() + b.abs().amax(dim=1)
+            w_f = np.where(free, weights, 0.0)
+            level = -(multipliers * w_f).sum(axis=1) / np.maximum((w_f * w_f).sum(axis=1), 1e-300)
+            multipliers = multipliers + level[:, None] * weights
+        bound_multipliers = np.where(free, np.inf, multipliers)
+        entering = bound_multipliers.argmin(axis=1)
+        lowest = bound_multipliers[rows, entering]
+        size = np.sqrt(np.maximum((curvature * y).sum(axis=1), 0.0)) + np.abs(b).max(axis=1)
         negative = lowest < -1e3 * _TOL * size
         release = running & ~moves & negative
-        free = free | (release[:, None] & (columns == entering[:, None]))
-        running = running & (moves | negative)
+        free |= release[:, None] & (columns == entering[:, None])
+        running &= moves | negative
         # Away from it: step towards the face's minimum until a free coordinate hits zero.
         stepping = running & moves
-        shrinking = free & (step < 0)
-        ratios = (y / (-step).clamp_min(1e-300)).masked_fill_(~shrinking, torch.inf)
-        alpha, blocking = ratios.min(dim=1)
-        alpha = alpha.clamp_max(1.0)
-        y = torch.where(stepping[:, None], (y + alpha[:, None] * step).clamp_min(0), y)
+        ratios = np.where(free & (step < 0), y / np.maximum(-step, 1e-300), np.inf)
+        blocking = ratios.argmin(axis=1)
+        alpha = np.minimum(ratios[rows, blocking], 1.0)
+        y = np.where(stepping[:, None], np.maximum(y + alpha[:, None] * step, 0.0), y)
         hit = (stepping & (alpha < 1.0))[:, None] & (columns == blocking[:, None])
-        y = torch.where(hit, 0.0, y)
-        free = free & ~hit
+        y[hit] = 0.0
+        free &= ~hit
     x = scale * y
     if simplex:
-        x = x / x.sum(dim=1, keepdim=True)
+        x = x / x.sum(axis=1, keepdims=True)
     return x[0] if single else x
 
 
@@ -221,9 +293,9 @@ def simplex_qp(
     >>> simplex_qp(torch.tensor([[1.0, 0.0], [0.0, 4.0]], dtype=torch.float64))
     tensor([0.8000, 0.2000], dtype=torch.float64)
     """
-    q = quadratic.detach().to(torch.float64)
-    b = q.new_zeros(q.shape[0]) if linear is None else linear.detach().to(torch.float64)
-    return _active_set(q, b, simplex=True, max_iter=max_iter)
+    q = to_host(quadratic)
+    b = np.zeros(q.shape[0]) if linear is None else to_host(linear)
+    return to_tensor(active_set(q, b, simplex=True, max_iter=max_iter), quadratic)
 
 
 def nonnegative_qp(quadratic: Tensor, linear: Tensor, max_iter: int | None = None) -> Tensor:
@@ -236,8 +308,8 @@ def nonnegative_qp(quadratic: Tensor, linear: Tensor, max_iter: int | None = Non
     >>> nonnegative_qp(torch.eye(2, dtype=torch.float64), torch.tensor([-1.0, 2.0]))
     tensor([1., 0.], dtype=torch.float64)
     """
-    q = quadratic.detach().to(torch.float64)
-    return _active_set(q, linear.detach().to(q), simplex=False, max_iter=max_iter)
+    solution = active_set(to_host(quadratic), to_host(linear), simplex=False, max_iter=max_iter)
+    return to_tensor(solution, quadratic)
 
 
 def power_equation(
@@ -287,29 +359,43 @@ def power_equation(
     """
     if alpha <= 0:
         raise ValueError(f"power_equation needs alpha > 0, got {alpha}")
-    k = gramian.detach().to(torch.float64)
+    k = to_host(gramian)
+    start = None if init is None else to_host(init)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        solution = _power_equation(k, alpha, start, ridge, max_iter, rtol)
+    return to_tensor(solution, gramian)
+
+
+def _power_equation(
+    k: np.ndarray,
+    alpha: float,
+    init: np.ndarray | None,
+    ridge: float,
+    max_iter: int,
+    rtol: float,
+) -> np.ndarray:
     num = k.shape[0]
-    kappa = k.diagonal().clamp_min(0).mean()
+    kappa = np.maximum(np.diagonal(k), 0.0).mean()
     if not kappa > 0:
         # The zero Gramian: every weight gives the zero update; return ones.
-        return k.new_ones(num)
+        return np.ones(num)
     rescale = kappa ** (-alpha / (alpha + 1))
     k = k / kappa
     start = None
-    if init is not None and torch.isfinite(init).all() and (init > 0).all():
-        start = init.detach().to(k) / rescale
+    if init is not None and np.isfinite(init).all() and (init > 0).all():
+        start = init / rescale
     a, residual = _newton(k, alpha, start, max_iter, rtol)
     if not residual <= _ACCEPT:
         # No solution (or none reachable): regularise relative to each task's own diagonal
         # (1 for a zero gradient), so that tasks whose gradients are 1e6 times smaller than the
         # others' are not swamped by the ridge.
-        diagonal = k.diagonal().clamp_min(0)
-        k = k + torch.diag(ridge * torch.where(diagonal > 0, diagonal, 1.0))
+        diagonal = np.maximum(np.diagonal(k), 0.0)
+        k = k + np.diag(ridge * np.where(diagonal > 0, diagonal, 1.0))
         a, residual = _newton(k, alpha, None, max_iter, rtol)
         if residual == float("inf"):
             # Not even the ridge helped (e.g. exactly opposite gradients in one dimension):
             # equal weights, never a NaN.
-            return k.new_ones(num)
+            return np.ones(num)
     return a * rescale
 
 
@@ -318,32 +404,33 @@ _ACCEPT = 1e-9
 
 
 def _newton(
-    k: Tensor, alpha: float, start: Tensor | None, max_iter: int, rtol: float
-) -> tuple[Tensor, float]:
+    k: np.ndarray, alpha: float, start: np.ndarray | None, max_iter: int, rtol: float
+) -> tuple[np.ndarray, float]:
     """Damped Newton on ``1/2 a^T K a - sum h(a_t)``; returns ``a`` and its relative residual."""
     num = k.shape[0]
     exponent = -1.0 / alpha
+    norm = np.linalg.norm
     if start is None:
         # Best multiple of the ones vector: t^(1 + 1/alpha) = T / (1^T K 1).
-        start = (num / k.sum().clamp_min(1e-300)) ** (alpha / (alpha + 1)) * k.new_ones(num)
+        start = (num / max(k.sum(), 1e-300)) ** (alpha / (alpha + 1)) * np.ones(num)
     a = start
 
-    def objective(x: Tensor) -> Tensor:
-        h = torch.log(x) if alpha == 1 else x ** (1 + exponent) / (1 + exponent)
-        return 0.5 * x @ k @ x - h.sum()
+    def objective(x: np.ndarray) -> float:
+        h = np.log(x) if alpha == 1 else x ** (1 + exponent) / (1 + exponent)
+        return float(0.5 * x @ k @ x - h.sum())
 
     value = objective(a)
-    relative = float("inf")
     for _ in range(max_iter):
         power = a**exponent
         residual = k @ a - power
-        relative = float(residual.norm() / power.norm())
-        if not relative > rtol:
+        if not norm(residual) / norm(power) > rtol:
             break
-        hessian = k + torch.diag(power / (alpha * a))
-        solution, info = torch.linalg.solve_ex(hessian, residual)
-        if info.item() != 0 or not torch.isfinite(solution).all():
+        try:
+            solution = np.linalg.solve(k + np.diag(power / (alpha * a)), residual)
+        except np.linalg.LinAlgError:
             break  # the iterates ran off to where the Hessian is singular: no solution here
+        if not np.isfinite(solution).all():
+            break
         direction = -solution
         # Fraction to the boundary: stay strictly positive.
         shrinking = direction < 0
@@ -351,7 +438,7 @@ def _newton(
         if shrinking.any():
             step = min(1.0, 0.99 * float((a[shrinking] / -direction[shrinking]).min()))
         slope = float(residual @ direction)
-        norm = residual.norm()
+        size = norm(residual)
         while step > 1e-20:
             candidate = a + step * direction
             new_value = objective(candidate)
@@ -359,15 +446,15 @@ def _newton(
                 break
             # Near the solution the objective's decrease drowns in rounding: accept a step that
             # still shrinks the residual (Newton's local quadratic convergence).
-            if (k @ candidate - candidate**exponent).norm() < 0.5 * norm:
+            if norm(k @ candidate - candidate**exponent) < 0.5 * size:
                 break
             step *= 0.5
         else:
             break
         a, value = candidate, new_value
     power = a**exponent
-    relative = float((k @ a - power).norm() / power.norm())
-    if not (torch.isfinite(a).all() and (a > 0).all()):
+    relative = float(norm(k @ a - power) / norm(power))
+    if not (np.isfinite(a).all() and (a > 0).all()):
         relative = float("inf")
     return a, relative
 

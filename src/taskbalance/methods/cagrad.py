@@ -16,7 +16,7 @@ code then divides by ``1 + c^2`` (``rescale="1+c^2"``, the default here as there
 Solver (the paper uses scipy's SLSQP on the T weights, torchjd cvxpy): with
 ``F(w, s) = b^T w + r (w^T K w / (2 s) + s / 2)``, jointly convex and equal to the objective at
 ``s = ||g_w||``, the optimal ``s`` is the root of ``||g_{w(s)}|| = s`` where ``w(s)`` solves the
-simplex QP ``min_w F(w, s)`` exactly (:func:`taskbalance.methods._simplex.simplex_qp`); the
+simplex QP ``min_w F(w, s)`` exactly (:func:`taskbalance.methods._simplex.active_set`); the
 root is bracketed in ``[0, max_t ||g_t||]`` and found by the Illinois (regula falsi) method.
 At the optimum, every task with ``w_t > 0`` has the smallest improvement ``g_t . d``.
 
@@ -31,11 +31,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import torch
+import numpy as np
 from torch import Tensor
 
 from taskbalance.engine.requirement import Level, Requirement
-from taskbalance.methods._simplex import check_gramian, simplex_qp
+from taskbalance.methods._simplex import active_set, check_gramian, to_host, to_tensor
 from taskbalance.methods.base import Method
 from taskbalance.methods.registry import register
 
@@ -49,25 +49,33 @@ def cagrad_inner(gramian: Tensor, c: float, *, max_iter: int = 100) -> Tensor:
     ``b = K 1 / T`` and ``r = c sqrt(1^T K 1) / T = c ||g_0||``. See the module docstring for
     the method. ``c = 0`` returns MGDA's weights (the ``s -> 0`` limit).
 
+    >>> import torch
     >>> cagrad_inner(torch.eye(2, dtype=torch.float64), c=0.5)
     tensor([0.5000, 0.5000], dtype=torch.float64)
     """
     check_gramian(gramian)
-    k = gramian.detach().to(torch.float64)
+    return to_tensor(_inner(to_host(gramian), c, max_iter), gramian)
+
+
+def _inner(k: np.ndarray, c: float, max_iter: int = 100) -> np.ndarray:
+    """:func:`cagrad_inner` on a float64 array: every QP of the root search stays on the host."""
     num = k.shape[0]
-    b = k.sum(dim=1) / num
-    radius = c * k.sum().clamp_min(0).sqrt() / num
-    mgda = simplex_qp(k)
-    high = k.diagonal().clamp_min(0).sqrt().max()
+    b = k.sum(axis=1) / num
+    radius = c * np.sqrt(max(k.sum(), 0.0)) / num
+    mgda = active_set(k, np.zeros(num), simplex=True)
+    high = np.sqrt(np.maximum(np.diagonal(k), 0.0)).max()
 
-    def gap(s: Tensor) -> tuple[Tensor, Tensor]:
-        w = simplex_qp(radius / s * k, b)
-        return (w @ k @ w).clamp_min(0).sqrt() - s, w
+    def norm(w: np.ndarray) -> float:
+        return float(np.sqrt(max(w @ k @ w, 0.0)))
 
-    low_gap = (mgda @ k @ mgda).clamp_min(0).sqrt()
+    def gap(s: float) -> tuple[float, np.ndarray]:
+        w = active_set(radius / s * k, b, simplex=True)
+        return norm(w) - s, w
+
+    low_gap = norm(mgda)
     if not (radius > 0 and high > 0 and low_gap > 0):
         return mgda
-    lo, hi, f_lo = k.new_zeros(()), high, low_gap
+    lo, hi, f_lo = 0.0, float(high), low_gap
     f_hi, w_hi = gap(hi)
     if f_hi >= 0:
         return w_hi
@@ -76,7 +84,7 @@ def cagrad_inner(gramian: Tensor, c: float, *, max_iter: int = 100) -> Tensor:
     for _ in range(max_iter):
         s = (lo * f_hi - hi * f_lo) / (f_hi - f_lo)
         f_s, best = gap(s)
-        if f_s.abs() <= 1e-12 * high or hi - lo <= 1e-14 * high:
+        if abs(f_s) <= 1e-12 * high or hi - lo <= 1e-14 * high:
             break
         if f_s > 0:
             lo, f_lo = s, f_s
@@ -94,6 +102,7 @@ def cagrad_inner(gramian: Tensor, c: float, *, max_iter: int = 100) -> Tensor:
 def cagrad_weights(gramian: Tensor, c: float = 0.5, rescale: Rescale = "1+c^2") -> Tensor:
     """CAGrad weights ``a = (1/T + (c ||g_0|| / ||g_w||) w) / rescale``.
 
+    >>> import torch
     >>> cagrad_weights(torch.eye(2), c=0.0)
     tensor([0.5000, 0.5000])
     >>> cagrad_weights(torch.tensor([[1.0, 0.0], [0.0, 4.0]]), c=0.5, rescale="none")
@@ -104,17 +113,17 @@ def cagrad_weights(gramian: Tensor, c: float = 0.5, rescale: Rescale = "1+c^2") 
         raise ValueError(f"CAGrad: c must be >= 0, got {c}")
     if rescale not in _RESCALES:
         raise ValueError(f"CAGrad: rescale must be one of {_RESCALES}, got {rescale!r}")
-    k = gramian.detach().to(torch.float64)
+    k = to_host(gramian)
     num = k.shape[0]
-    weights = k.new_full((num,), 1.0 / num)
-    radius = c * k.sum().clamp_min(0).sqrt() / num
+    weights = np.full(num, 1.0 / num)
+    radius = c * np.sqrt(max(k.sum(), 0.0)) / num
     if radius > 0:
-        w = cagrad_inner(k, c)
-        norm = (w @ k @ w).clamp_min(0).sqrt()
-        if norm > 1e-12 * k.diagonal().clamp_min(0).sqrt().max():
+        w = _inner(k, c)
+        norm = np.sqrt(max(w @ k @ w, 0.0))
+        if norm > 1e-12 * np.sqrt(np.maximum(np.diagonal(k), 0.0)).max():
             weights = weights + radius / norm * w
     divisor = {"none": 1.0, "1+c^2": 1.0 + c**2, "1+c": 1.0 + c}[rescale]
-    return (weights / divisor).to(gramian.dtype)
+    return to_tensor(weights / divisor, gramian, gramian.dtype)
 
 
 @register
@@ -128,6 +137,7 @@ class CAGrad(Method):
         rescale: divide the update by ``1 + c^2`` (default, the paper's code), ``1 + c``, or
             not at all (``"none"``, the paper's Algorithm 1).
 
+    >>> import torch
     >>> CAGrad(c=0.0).shared_weights(torch.ones(2), torch.eye(2))
     tensor([0.5000, 0.5000])
     """

@@ -9,16 +9,19 @@ the same projection on every unit task gradient ``u_t = g_t / ||g_t||``. The pap
 
 Needs: the Gramian, at feature level (the paper's default: gradients w.r.t. the shared
 representation z, the batch axis flattened with the rest) or parameter level (exact).
-Cost: one T x T pseudo-inverse in float64, on top of the engine's per-task gradients.
+Cost: one T x T eigendecomposition in float64 on the host, on top of the engine's per-task
+gradients.
 The weights are constants: no gradient flows through them, and they are not clamped to be >= 0.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from taskbalance.engine.requirement import Level, Requirement
+from taskbalance.methods._simplex import inverse_eigenvalues, to_host, to_tensor
 from taskbalance.methods.base import Method
 from taskbalance.methods.registry import register
 
@@ -52,35 +55,27 @@ def imtl_g_weights(gramian: Tensor) -> Tensor:
     """
     if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1]:
         raise ValueError(f"a Gramian must be square, got shape {tuple(gramian.shape)}")
-    k = gramian.detach().to(torch.float64)
+    k = to_host(gramian)
     num_tasks = k.shape[0]
-    norms = k.diagonal().clamp_min(0).sqrt()
+    norms = np.sqrt(np.maximum(np.diagonal(k), 0.0))
     alive = norms > 0
     # A zero gradient's row and column of C are set to zero instead of being cut out: the
     # pseudo-inverse of the padded matrix is that of the live block padded with zeros, so
-    # b is the same, and the step needs no boolean indexing (a device round trip each).
-    inverse_norms = torch.where(alive, 1.0 / torch.where(alive, norms, 1.0), 0.0)
+    # b is the same.
+    inverse_norms = np.where(alive, 1.0 / np.where(alive, norms, 1.0), 0.0)
     cosines = k * inverse_norms[:, None] * inverse_norms[None, :]
-    rtol = num_tasks * torch.finfo(gramian.dtype).eps
-    b = _pinv_row_sums(cosines, rtol)
+    # pinv(C) @ 1 = V (e^+ * V^T 1), without forming the pseudo-inverse; the cut-off is that of
+    # the Gramian's own dtype, as torch.linalg.pinv would apply to it.
+    eigenvalues, vectors = np.linalg.eigh(cosines)
+    eps = torch.finfo(gramian.dtype).eps
+    b = vectors @ (inverse_eigenvalues(eigenvalues, num_tasks, eps) * vectors.sum(axis=0))
     x = b * inverse_norms
     total = x.sum()
-    if not bool((b.abs().sum() > _DEGENERATE) & (total.abs() > _DEGENERATE * x.abs().sum())):
+    if not (np.abs(b).sum() > _DEGENERATE and abs(total) > _DEGENERATE * np.abs(x).sum()):
         count = alive.sum()
-        equal = alive / count if bool(count > 0) else torch.full_like(norms, 1.0 / num_tasks)
-        return equal.to(gramian.dtype)
-    return (x / total).to(gramian.dtype)
-
-
-def _pinv_row_sums(matrix: Tensor, rtol: float) -> Tensor:
-    """``pinv(matrix) @ 1`` for a symmetric matrix, as ``torch.linalg.pinv(matrix, rtol=rtol,
-    hermitian=True).sum(dim=1)`` computes it (eigenvalues with ``|e| <= rtol max|e|`` are cut),
-    without forming the pseudo-inverse: ``V (w * V^T 1)``, a third of pinv's time at T = 3."""
-    eigenvalues, vectors = torch.linalg.eigh(matrix)
-    magnitude = eigenvalues.abs()
-    kept = magnitude > rtol * magnitude.max()
-    inverse = torch.where(kept, 1.0 / torch.where(kept, eigenvalues, 1.0), 0.0)
-    return vectors @ (inverse * vectors.sum(dim=0))
+        equal = alive / count if count > 0 else np.full(num_tasks, 1.0 / num_tasks)
+        return to_tensor(equal, gramian, gramian.dtype)
+    return to_tensor(x / total, gramian, gramian.dtype)
 
 
 @register

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -248,16 +249,23 @@ def _gramian_update(
     ``combination(a)``, the weighted sum of the per-task gradients, as the update."""
     if prepared.scale != 1:
         gram = gram / prepared.scale**2
-    norms = _norms(gram)
-    # One device round trip in the common case: a finite Gramian, no zero task gradient.
-    healthy = bool(torch.isfinite(gram).all() & (norms > 0).all())
+    # The T x T checks and the record on the host: one round trip, and numpy's operations on
+    # a few numbers cost about a microsecond where torch's dispatch costs several.
+    host = gram.detach().cpu().numpy()
+    host_norms = np.sqrt(np.maximum(np.diagonal(host), 0.0))
+    healthy = bool(np.isfinite(host).all() and (host_norms > 0).all())
     if not healthy:
         if not _finite_or_overflow(prepared, gram):
             return _SharedUpdate(inputs, combination(torch.ones_like(gram[0])), None, *_NO_NORMS)
-        _check_reachable(method, prepared.losses, norms, inputs)
-    cosines = _cosines(gram, norms, nonzero=healthy)
+        _check_reachable(method, prepared.losses, _norms(gram), inputs)
     weights = method.shared_weights(prepared.weighted_values(), gram).detach()
     _check_weights(method, weights, len(prepared.losses.names))
+    if healthy:
+        norms = torch.from_numpy(host_norms).to(gram.device)
+        cosines = torch.from_numpy(host / np.outer(host_norms, host_norms)).to(gram.device)
+    else:
+        norms = _norms(gram)
+        cosines = _cosines(gram, norms)
     return _SharedUpdate(inputs, combination(weights), weights, norms, cosines)
 
 
@@ -354,11 +362,9 @@ def _norms(gram: Tensor) -> Tensor:
     return gram.diagonal().clamp_min(0).sqrt()
 
 
-def _cosines(gram: Tensor, norms: Tensor, nonzero: bool = False) -> Tensor:
-    """The T x T cosines, 0 where a gradient is zero; ``nonzero``: no norm is zero (known)."""
+def _cosines(gram: Tensor, norms: Tensor) -> Tensor:
+    """The T x T cosines, 0 where a gradient is zero."""
     outer = norms[:, None] * norms[None, :]
-    if nonzero:
-        return gram / outer
     return torch.where(outer > 0, gram / outer.clamp_min(torch.finfo(gram.dtype).tiny), 0.0)
 
 
@@ -378,7 +384,7 @@ def _check_reachable(
 
 
 def _check_weights(method: Method, weights: Tensor, num_tasks: int) -> None:
-    if weights.shape != (num_tasks,) or not torch.isfinite(weights).all():
+    if weights.shape != (num_tasks,) or not np.isfinite(weights.cpu().numpy()).all():
         raise RuntimeError(
             f"{type(method).__name__} produced invalid weights {weights.tolist()} "
             f"(expected {num_tasks} finite numbers)"

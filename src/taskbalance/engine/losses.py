@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -80,9 +81,11 @@ def check_finite_losses(names: Sequence[str], values: Tensor) -> None:
 
     >>> check_finite_losses(["a"], torch.tensor([1.0]))  # fine: returns None
     """
-    if bool(torch.isfinite(values).all()):  # one kernel and one round trip when all is well
-        return
     values = values.detach()
+    host = (values.float() if values.dtype == torch.bfloat16 else values).cpu().numpy()
+    # One round trip; numpy's check of a few numbers costs a microsecond, torch's isfinite ~8.
+    if np.isfinite(host).all():
+        return
     bad = ~torch.isfinite(values)
     if bad.any():
         indices = bad.nonzero().flatten().tolist()

@@ -126,12 +126,14 @@ def _solve(matrix: np.ndarray, rhs: np.ndarray, face: np.ndarray) -> np.ndarray:
         for p in range(rhs.shape[0]):
             with contextlib.suppress(np.linalg.LinAlgError):  # stays NaN: not well-posed
                 solution[p] = np.linalg.solve(matrix[p], rhs[p])
-    own = np.where(face[:, :, None] & face[:, None, :], matrix, 0.0)
-    residual = (matrix @ solution[..., None])[..., 0] - rhs
-    norm = np.linalg.norm
-    size = norm(own.reshape(len(own), -1), axis=1) * norm(solution, axis=1)
-    bound = 1e-10 * (norm(rhs, axis=1) + size)
-    good = np.isfinite(solution).all(axis=1) & (norm(residual, axis=1) <= bound)
+    residual = np.einsum("pij,pj->pi", matrix, solution) - rhs
+    # The face's own system is the matrix less its identity padding (ones on the diagonal
+    # where the own system is zero), so its squared Frobenius norm is the matrix's less the
+    # count of padded coordinates: no masked copy of the batch.
+    own_squares = np.einsum("pij,pij->p", matrix, matrix) - (~face).sum(axis=1)
+    size = np.sqrt(np.maximum(own_squares, 0.0)) * _row_norms(solution)
+    bound = 1e-10 * (_row_norms(rhs) + size)
+    good = np.isfinite(solution).all(axis=1) & (_row_norms(residual) <= bound)
     if good.all():
         return solution
     solution = np.where(good[:, None], solution, 0.0)
@@ -139,6 +141,10 @@ def _solve(matrix: np.ndarray, rhs: np.ndarray, face: np.ndarray) -> np.ndarray:
         idx = np.flatnonzero(face[p])
         solution[p, idx] = symmetric_pinv(matrix[p][np.ix_(idx, idx)]) @ rhs[p, idx]
     return solution
+
+
+def _row_norms(rows: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.einsum("pi,pi->p", rows, rows))
 
 
 def _face_minimisers(

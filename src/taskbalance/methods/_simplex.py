@@ -237,18 +237,24 @@ def _active_set(q: np.ndarray, b: np.ndarray, simplex: bool, max_iter: int | Non
         free = np.zeros((count, num), dtype=bool)
     running = np.ones(count, dtype=bool)
     rows, columns = np.arange(count), np.arange(num)
+    fresh = np.zeros(count, dtype=bool)
+    """Per problem: the last iteration stepped all the way to the minimiser of the current
+    face, so solving the same face again would give a zero step (the confirming iteration
+    then only checks the multipliers: half the solves of a typical problem)."""
     max_iter = 20 * num + 50 if max_iter is None else max_iter
     for _ in range(max_iter):
-        # Only the problems still running are solved (UPGrad's finish at different times).
         if not running.any():
             break
-        if running.all():
+        # Only the problems still running (UPGrad's finish at different times) and not at
+        # their face's minimum already are solved.
+        solve = running & ~fresh
+        if solve.all():
             step = _face_minimisers(q, b, weights, free, simplex) - y
         else:
             step = np.zeros_like(y)
-            step[running] = (
-                _face_minimisers(q, b[running], weights, free[running], simplex) - y[running]
-            )
+            if solve.any():
+                face_minima = _face_minimisers(q, b[solve], weights, free[solve], simplex)
+                step[solve] = face_minima - y[solve]
         moves = np.abs(step).max(axis=1) > _TOL * (1 + np.abs(y).max(axis=1))
         # At the face's minimum: free the most negative multiplier, or stop.
         curvature = y @ q
@@ -275,6 +281,7 @@ def _active_set(q: np.ndarray, b: np.ndarray, simplex: bool, max_iter: int | Non
         hit = (stepping & (alpha < 1.0))[:, None] & (columns == blocking[:, None])
         y[hit] = 0.0
         free &= ~hit
+        fresh = stepping & (alpha >= 1.0)
     x = scale * y
     if simplex:
         x = x / x.sum(axis=1, keepdims=True)

@@ -270,3 +270,18 @@ def test_features_may_be_a_tuple_of_tensors():
         branch_a(x), branch_a.weight, combined[: za.numel()].view_as(za)
     )
     torch.testing.assert_close(branch_a.weight.grad, expected)
+
+
+def test_the_record_is_not_changed_by_a_method_that_edits_its_gramian_in_place():
+    class EditsGramian(taskbalance.Method):
+        requires = taskbalance.Requirement.GRAMIAN
+        levels = ("feature",)
+        default_level = "feature"
+
+        def shared_weights(self, losses, gramian):
+            gramian.diagonal().add_(1.0)
+            return torch.full_like(losses, 1.0 / len(losses))
+
+    z = torch.tensor([[1.0, 2.0], [3.0, -1.0]], requires_grad=True)
+    info = EditsGramian().backward([z[:, 0].sum(), (z * z).sum()], features=z)
+    assert torch.allclose(info.cosines.diagonal(), torch.ones(2))

@@ -251,7 +251,7 @@ def _gramian_update(
         gram = gram / prepared.scale**2
     # The T x T checks and the record on the host: one round trip, and numpy's operations on
     # a few numbers cost about a microsecond where torch's dispatch costs several.
-    host = gram.detach().cpu().numpy()
+    host = gram.detach().cpu().numpy().copy()  # a method may edit its Gramian in place
     host_norms = np.sqrt(np.maximum(np.diagonal(host), 0.0))
     healthy = bool(np.isfinite(host).all() and (host_norms > 0).all())
     if not healthy:
@@ -384,7 +384,7 @@ def _check_reachable(
 
 
 def _check_weights(method: Method, weights: Tensor, num_tasks: int) -> None:
-    if weights.shape != (num_tasks,) or not np.isfinite(weights.cpu().numpy()).all():
+    if weights.shape != (num_tasks,) or not np.isfinite(weights.cpu().double().numpy()).all():
         raise RuntimeError(
             f"{type(method).__name__} produced invalid weights {weights.tolist()} "
             f"(expected {num_tasks} finite numbers)"

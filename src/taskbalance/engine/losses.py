@@ -83,7 +83,7 @@ def check_finite_losses(names: Sequence[str], values: Tensor) -> None:
     """
     values = values.detach()
     host = (values.float() if values.dtype == torch.bfloat16 else values).cpu().numpy()
-    # One round trip; numpy's check of a few numbers costs a microsecond, torch's isfinite ~8.
+    # One round trip; numpy checks a few numbers in about 3 us, torch's isfinite took ~8.
     if np.isfinite(host).all():
         return
     bad = ~torch.isfinite(values)

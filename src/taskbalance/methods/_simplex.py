@@ -16,7 +16,7 @@ need for cvxpy or scipy at run time:
 
 All of them solve in float64 numpy arrays on the host: a T x T problem costs a few dozen small
 operations per iteration, and each torch operation on such a tensor costs several microseconds
-of dispatch (a numpy one about one), which made the solves dominate cheap steps (CAGrad's 10-40
+of dispatch (a numpy one 0.5-3), which made the solves dominate cheap steps (CAGrad's 10-40
 QPs took 6 ms at T = 3 in torch, a plain step of the benchmark MLP 7 ms). The tensor-facing
 functions convert once on the way in (one device round trip for a CUDA Gramian, which the
 engine's finiteness check makes anyway) and return float64 tensors on the input's device.
@@ -60,6 +60,15 @@ def to_tensor(array: np.ndarray, like: Tensor, dtype: torch.dtype = torch.float6
     tensor([1., 1.], dtype=torch.float64)
     """
     return torch.from_numpy(np.ascontiguousarray(array)).to(device=like.device, dtype=dtype)
+
+
+def diagonal_norms(gramian: np.ndarray) -> np.ndarray:
+    """The gradient norms ``sqrt(diag K)`` of a Gramian (rounding below zero read as zero).
+
+    >>> diagonal_norms(np.diag([4.0, -1e-20]))
+    array([2., 0.])
+    """
+    return np.sqrt(np.maximum(np.diagonal(gramian), 0.0))
 
 
 def symmetric_pinv(matrix: np.ndarray) -> np.ndarray:

@@ -35,7 +35,13 @@ import numpy as np
 from torch import Tensor
 
 from taskbalance.engine.requirement import Level, Requirement
-from taskbalance.methods._simplex import active_set, check_gramian, to_host, to_tensor
+from taskbalance.methods._simplex import (
+    active_set,
+    check_gramian,
+    diagonal_norms,
+    to_host,
+    to_tensor,
+)
 from taskbalance.methods.base import Method
 from taskbalance.methods.registry import register
 
@@ -63,7 +69,7 @@ def _inner(k: np.ndarray, c: float, max_iter: int = 100) -> np.ndarray:
     b = k.sum(axis=1) / num
     radius = c * np.sqrt(max(k.sum(), 0.0)) / num
     mgda = active_set(k, np.zeros(num), simplex=True)
-    high = np.sqrt(np.maximum(np.diagonal(k), 0.0)).max()
+    high = diagonal_norms(k).max()
 
     def norm(w: np.ndarray) -> float:
         return float(np.sqrt(max(w @ k @ w, 0.0)))
@@ -120,7 +126,7 @@ def cagrad_weights(gramian: Tensor, c: float = 0.5, rescale: Rescale = "1+c^2") 
     if radius > 0:
         w = _inner(k, c)
         norm = np.sqrt(max(w @ k @ w, 0.0))
-        if norm > 1e-12 * np.sqrt(np.maximum(np.diagonal(k), 0.0)).max():
+        if norm > 1e-12 * diagonal_norms(k).max():
             weights = weights + radius / norm * w
     divisor = {"none": 1.0, "1+c^2": 1.0 + c**2, "1+c": 1.0 + c}[rescale]
     return to_tensor(weights / divisor, gramian, gramian.dtype)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from taskbalance.engine.requirement import Level, Requirement
-from taskbalance.methods._simplex import inverse_eigenvalues, to_host, to_tensor
+from taskbalance.methods._simplex import diagonal_norms, inverse_eigenvalues, to_host, to_tensor
 from taskbalance.methods.base import Method
 from taskbalance.methods.registry import register
 
@@ -57,7 +57,7 @@ def imtl_g_weights(gramian: Tensor) -> Tensor:
         raise ValueError(f"a Gramian must be square, got shape {tuple(gramian.shape)}")
     k = to_host(gramian)
     num_tasks = k.shape[0]
-    norms = np.sqrt(np.maximum(np.diagonal(k), 0.0))
+    norms = diagonal_norms(k)
     alive = norms > 0
     # A zero gradient's row and column of C are set to zero instead of being cut out: the
     # pseudo-inverse of the padded matrix is that of the live block padded with zeros, so

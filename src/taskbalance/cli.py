@@ -340,6 +340,14 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         "--resume", action="store_true", help="continue from the checkpoints in the output folder"
     )
     bench.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="train N runs at a time in worker processes, each with --threads threads (the "
+        "numbers equal a serial run's; e.g. --jobs 2 on 2 cores; default 1)",
+    )
+    bench.add_argument(
         "--keep-checkpoints",
         action="store_true",
         help="keep each finished run's trained model, optimizer and method state in its "
@@ -407,6 +415,7 @@ def bench_config(args: argparse.Namespace):
         out_dir=args.out or str(Path("taskbalance-bench") / dataset),
         resume=args.resume,
         keep_checkpoints=args.keep_checkpoints,
+        jobs=args.jobs,
         timing_rounds=max(args.timing_rounds, 0),
         record_every=max(args.record_every, 0),
         selection=args.select,
@@ -442,6 +451,11 @@ def _bench_in_world(args: argparse.Namespace) -> None:
     world = current_world()
     say = print if world.main else (lambda *_args, **_kw: None)
     config = bench_config(args)
+    if world.distributed and config.jobs > 1:
+        raise SystemExit(
+            "taskbalance bench: --jobs trains runs side by side in one process's workers; under "
+            "torchrun the ranks already share each run: drop --jobs"
+        )
     config = dataclasses.replace(config, device=local_device(config.device, world))
     make_deterministic(config.device, args.threads)
     try:

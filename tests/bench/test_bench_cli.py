@@ -38,6 +38,7 @@ def test_unknown_hyperparameter_lists_the_methods_valid_ones(capsys):
 def test_bad_architecture_and_bad_numbers_are_refused(capsys):
     assert "invalid choice: 'resnet'" in error_of(capsys, "--arch", "resnet")
     assert "positive integer" in error_of(capsys, "--epochs", "0")
+    assert "positive integer" in error_of(capsys, "--jobs", "0")
     assert "TASK=FACTOR" in error_of(capsys, "--loss-scale", "10")
     assert "positive number" in error_of(capsys, "--lr-grid", "1e-3,abc")
 
@@ -46,7 +47,7 @@ def test_defaults_are_the_quick_protocol():
     config = parse()
     assert config.dataset == "qm9" and config.epochs == 12 and config.protocol == "quick"
     assert config.seeds == [0] and config.lrs == [1e-3]
-    assert config.train_size == 20_000 and config.arch == "hps"
+    assert config.train_size == 20_000 and config.arch == "hps" and config.jobs == 1
     assert {"ew", "imtl", "imtl_g", "imtl_l", "emtl", "adatask"} <= {m.name for m in config.methods}
 
 

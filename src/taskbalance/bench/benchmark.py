@@ -44,6 +44,7 @@ from taskbalance import __version__
 from taskbalance.bench.data import load_dataset
 from taskbalance.bench.data.types import MultiTaskData, split_indices
 from taskbalance.bench.parallel import current_world
+from taskbalance.bench.pool import train_in_workers
 from taskbalance.bench.protocols import PAPER_METHODS
 from taskbalance.bench.report import Row, format_table, summarize, write_outputs
 from taskbalance.bench.runner import (
@@ -133,6 +134,10 @@ class BenchConfig:
     grid_seeds: int | None = None
     """Run the learning-rate grid on the first this many seeds only and train the other seeds
     at each method's chosen rate (``None``: the grid on every seed)."""
+    jobs: int = 1
+    """Train this many runs of a stage at a time, in worker processes
+    (:mod:`taskbalance.bench.pool`); the numbers are those of a serial run. Not under
+    torch.distributed, where every rank must run the same plan in step."""
     keep_checkpoints: bool = False
     """Keep every finished run's model, optimizer and method state in its checkpoint; by
     default a finished run's checkpoint keeps only its result (enough for ``resume``)."""
@@ -143,6 +148,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.jobs < 1:
+            raise ValueError(f"jobs must be at least 1, got {self.jobs}")
         if self.grid_seeds is not None and self.grid_seeds < 1:
             raise ValueError(f"grid_seeds must be at least 1, got {self.grid_seeds}")
 
@@ -180,8 +187,15 @@ def load_bench_data(config: BenchConfig) -> MultiTaskData:
     return data
 
 
-def _file_label(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", label)
+def run_name(config: RunConfig) -> str:
+    """A run's name in the log and its checkpoint's file name: ``<label>-lr<lr>-seed<seed>``
+    (characters other than letters, digits and ``_.=-`` in the label become ``_``).
+
+    >>> run_name(RunConfig(tasks=("mu",), lr=3e-3, seed=1))
+    'stl_mu-lr0.003-seed1'
+    """
+    label = re.sub(r"[^A-Za-z0-9_.=-]+", "_", config.label)
+    return f"{label}-lr{config.lr:g}-seed{config.seed}"
 
 
 def _common(config: BenchConfig) -> dict[str, Any]:
@@ -381,6 +395,12 @@ def setup_fields(
             if world.distributed
             else ""
         ),
+        "parallel runs": (
+            f"{config.jobs} at a time (worker processes, {torch.get_num_threads()} thread(s) "
+            "each; the runs' own ms/step were measured side by side)"
+            if config.jobs > 1
+            else ""
+        ),
         "wall time": f"{seconds:.0f} s",
     }
     return {key: value for key, value in fields.items() if value}
@@ -405,6 +425,11 @@ def run_benchmark(
     """
     began = time.perf_counter()
     world = current_world()
+    if world.distributed and config.jobs > 1:
+        raise ValueError(
+            f"jobs={config.jobs} under torch.distributed: every rank must train the same run "
+            "at the same time; use jobs=1 (the ranks are the parallelism)"
+        )
     if not world.main:
         echo, progress, verbose = (lambda _line: None), False, False
     out = Path(config.out_dir)
@@ -422,8 +447,12 @@ def run_benchmark(
     n_labels = len(config.methods) + (len(data.task_names) if config.single_task else 0)
     log_path = out / "train.log"
     results: list[RunResult] = []
+    if world.main and not config.resume:
+        log_path.write_text("", encoding="utf-8")
+    # Append mode even for a new log: --jobs workers append to it too, and a writer at its own
+    # offset would overwrite their lines.
     opened = (
-        open(log_path, "a" if config.resume else "w", encoding="utf-8")  # noqa: SIM115
+        open(log_path, "a", encoding="utf-8")  # noqa: SIM115
         if world.main
         else contextlib.nullcontext(None)
     )
@@ -442,24 +471,34 @@ def run_benchmark(
             if verbose:
                 (bar.write if bar is not None else echo)(line)
 
+        def finished(run_config: RunConfig, result: RunResult) -> None:
+            log(f"{run_name(run_config)}: best epoch {result.best_epoch}, "
+                f"{result.step_ms:.2f} ms/step, {result.status}")  # fmt: skip
+            if bar is not None:
+                bar.update(1)
+
         def execute(configs: Sequence[RunConfig]) -> list[RunResult]:
-            done = []
-            for run_config in configs:
-                name = f"{_file_label(run_config.label)}-lr{run_config.lr:g}-seed{run_config.seed}"
+            runs = [(c, out / "checkpoints" / f"{run_name(c)}.pt") for c in configs]
+            options = {"resume": config.resume, "record_every": config.record_every,
+                       "keep_final_state": config.keep_checkpoints}  # fmt: skip
+            if config.jobs > 1 and len(runs) > 1:
                 if bar is not None:
-                    bar.set_postfix_str(name)
-                runner = Runner(
-                    data, run_config, checkpoint=out / "checkpoints" / f"{name}.pt",
-                    resume=config.resume, progress=progress, log=log,
-                    record_every=config.record_every,
-                    keep_final_state=config.keep_checkpoints,
+                    bar.set_postfix_str(f"{min(config.jobs, len(runs))} runs at a time")
+                if log_file is not None:
+                    log_file.flush()
+                return train_in_workers(
+                    data, runs, jobs=config.jobs, threads=torch.get_num_threads(),
+                    log_path=log_path if log_file is not None else None, on_done=finished,
+                    **options,
                 )  # fmt: skip
-                result = runner.run()
-                done.append(result)
-                log(f"{name}: best epoch {result.best_epoch}, {result.step_ms:.2f} ms/step, "
-                    f"{result.status}")  # fmt: skip
+            done = []
+            for run_config, checkpoint in runs:
                 if bar is not None:
-                    bar.update(1)
+                    bar.set_postfix_str(checkpoint.stem)
+                runner = Runner(data, run_config, checkpoint=checkpoint, progress=progress,
+                                log=log, **options)  # fmt: skip
+                done.append(runner.run())
+                finished(run_config, done[-1])
             return done
 
         def grid_then_chosen(

@@ -1,0 +1,72 @@
+"""Training a stage's runs in worker processes: the serial results, in order, and errors raised
+in the parent with their own type."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from support.datasets import tiny
+from taskbalance.bench.benchmark import BenchConfig
+from taskbalance.bench.pool import train_in_workers
+from taskbalance.bench.runner import MethodSpec, RunConfig, Runner
+
+SMALL = {"hidden": 16, "tower": 8}
+
+TIMING = {"step_ms", "train_seconds"}
+
+
+def comparable(result) -> dict:
+    payload = {k: v for k, v in result.to_dict().items() if k not in TIMING}
+    payload["history"] = [
+        {k: v for k, v in epoch.items() if k not in TIMING} for epoch in payload["history"]
+    ]
+    return payload
+
+
+def configs() -> list[RunConfig]:
+    common = {"epochs": 2, "batch_size": 16, "model_options": SMALL}
+    return [
+        RunConfig(method=MethodSpec("imtl_g"), seed=0, **common),
+        RunConfig(tasks=("b",), seed=1, **common),
+        RunConfig(method=MethodSpec("famo"), seed=2, **common),
+    ]
+
+
+def test_workers_return_the_serial_results_in_order(tmp_path):
+    data = tiny()
+    torch.set_num_threads(1)
+    serial = [Runner(data, c, progress=False).run() for c in configs()]
+    seen = []
+    runs = [(c, tmp_path / f"{i}.pt") for i, c in enumerate(configs())]
+    parallel = train_in_workers(
+        data, runs, jobs=2, threads=1, log_path=tmp_path / "train.log",
+        on_done=lambda config, result: seen.append((config.label, result.label)),
+    )  # fmt: skip
+    assert [comparable(r) for r in parallel] == [comparable(r) for r in serial]
+    assert sorted(seen) == sorted((c.label, c.label) for c in configs())
+    assert all(path.exists() for _, path in runs)  # each worker wrote its run's checkpoint
+    log = (tmp_path / "train.log").read_text()
+    assert {"imtl_g seed 0", "stl:b seed 1", "famo seed 2"} <= {
+        line.split(" lr ")[0] for line in log.splitlines()
+    }
+
+
+def test_a_failing_run_raises_its_own_error_in_the_parent(tmp_path):
+    bad = RunConfig(epochs=1, batch_size=16, model_options=SMALL, loss_scale={"nope": 10.0})
+    runs = [(configs()[1], None), (bad, None)]
+    with pytest.raises(ValueError, match=r"loss_scale names unknown task\(s\) \['nope'\]"):
+        train_in_workers(tiny(), runs, jobs=2, threads=1)
+
+
+def test_bad_job_counts_are_refused():
+    with pytest.raises(ValueError, match="jobs must be at least 1, got 0"):
+        train_in_workers(tiny(), [(configs()[0], None)], jobs=0, threads=1)
+    with pytest.raises(ValueError, match="jobs must be at least 1, got -2"):
+        BenchConfig(dataset="rf1", jobs=-2)
+
+
+def test_runs_on_two_devices_are_refused():
+    cpu, meta = configs()[0], RunConfig(device="meta")
+    with pytest.raises(ValueError, match=r"share a device, got \['cpu', 'meta'\]"):
+        train_in_workers(tiny(), [(cpu, None), (meta, None)], jobs=2, threads=1)

@@ -3,6 +3,8 @@ in the parent with their own type."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -70,3 +72,20 @@ def test_runs_on_two_devices_are_refused():
     cpu, meta = configs()[0], RunConfig(device="meta")
     with pytest.raises(ValueError, match=r"share a device, got \['cpu', 'meta'\]"):
         train_in_workers(tiny(), [(cpu, None), (meta, None)], jobs=2, threads=1)
+
+
+def test_each_run_is_reported_when_it_finishes_not_when_the_stage_does():
+    # The progress bar and train.log's summary lines follow on_done: a short run must be
+    # reported while a long one is still training.
+    common = {"batch_size": 16, "model_options": SMALL}
+    runs = [
+        (RunConfig(epochs=1, **common), None),
+        (RunConfig(epochs=150, seed=1, **common), None),
+        (RunConfig(epochs=1, seed=2, **common), None),
+    ]
+    reported = {}
+    train_in_workers(
+        tiny(), runs, jobs=2, threads=1,
+        on_done=lambda config, _: reported.setdefault(config.epochs, time.monotonic()),
+    )  # fmt: skip
+    assert reported[150] - reported[1] > 0.3

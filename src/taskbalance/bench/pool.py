@@ -15,7 +15,7 @@ trained at the same time interleave but stay readable) and show no progress bars
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import IO, Any
 
@@ -96,7 +96,7 @@ def train_in_workers(
         pending = set(futures)
         try:
             while pending:
-                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in finished:
                     if future.exception() is not None:
                         raise future.exception()  # type: ignore[misc]

@@ -76,3 +76,33 @@ def test_dual_is_at_least_as_good_as_scipy_slsqp_on_a_hundred_jacobians():
         )
         ours = objective(cagrad_inner(torch.from_numpy(gram), 0.5).numpy())
         assert ours <= result.fun + 1e-9 * abs(result.fun) + 1e-12 * gram.diagonal().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pareto_stationary_gradients_give_the_mean_whatever_the_rounding(dtype):
+    # 0 lies in the convex hull of these gradients, so MGDA's minimum norm is 0 and CAGrad's
+    # update is g_0; computed, that norm is rounding noise of about sqrt(eps) |g|, which an
+    # exact-zero test read as a direction (weights up to 0.49 instead of 0.16). Orderings and
+    # scales round differently.
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        base = torch.randn(4, 12, generator=generator, dtype=torch.float64)
+        jacobian = torch.cat([base, -base.sum(dim=0, keepdim=True)])  # mean of the 5 rows is 0
+        jacobian = jacobian[torch.randperm(5, generator=generator)] * 10.0 ** (trial % 7 - 3)
+        gram = (jacobian @ jacobian.T).to(dtype)
+        expected = torch.full((5,), 0.2 / 1.25, dtype=dtype)
+        torch.testing.assert_close(cagrad_weights(gram, 0.5), expected, rtol=0, atol=0)
+    one_dimensional = torch.tensor([[-3.0], [-3.0], [2.0]], dtype=torch.float64)
+    torch.testing.assert_close(
+        cagrad_weights(one_dimensional @ one_dimensional.T, 0.5, rescale="none"),
+        torch.full((3,), 1 / 3, dtype=torch.float64),
+    )
+
+
+def test_a_small_but_real_minimum_norm_is_not_read_as_stationary():
+    # Two nearly opposed gradients: the minimum norm is 1e-4 of their size, far above the
+    # float64 rounding floor, and the update must still reach the ball's boundary.
+    jacobian = torch.tensor([[1.0, 0.0], [-1.0, 2e-4]], dtype=torch.float64)
+    update = cagrad_weights(jacobian @ jacobian.T, 0.5, rescale="none") @ jacobian
+    mean = jacobian.mean(dim=0)
+    assert (update - mean).norm().item() == pytest.approx(0.5 * mean.norm().item(), rel=1e-9)

@@ -3,7 +3,13 @@ in the parent with their own type."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +95,60 @@ def test_each_run_is_reported_when_it_finishes_not_when_the_stage_does():
         on_done=lambda config, _: reported.setdefault(config.epochs, time.monotonic()),
     )  # fmt: skip
     assert reported[150] - reported[1] > 0.3
+
+
+ORPHAN_SCRIPT = """
+import sys
+from support.datasets import tiny
+from taskbalance.bench.pool import train_in_workers
+from taskbalance.bench.runner import RunConfig
+if __name__ == "__main__":
+    runs = [(RunConfig(epochs=100_000, seed=s, batch_size=16, model_options={"hidden": 4}), None)
+            for s in range(2)]
+    train_in_workers(tiny(), runs, jobs=2, threads=1)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_workers_stop_when_their_parent_is_killed(tmp_path):
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    parent = subprocess.Popen([sys.executable, str(script)], env=env)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers) < 2:
+            assert time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.2)
+            workers = [c for c in _children(parent.pid) if _is_worker(c)]
+        time.sleep(1.0)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{w}").exists() for w in workers):
+            assert time.monotonic() < deadline, "orphaned workers kept training"
+            time.sleep(0.2)
+    finally:
+        for pid in [parent.pid, *workers]:  # never leave a spinning process behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False

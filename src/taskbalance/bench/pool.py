@@ -14,6 +14,7 @@ trained at the same time interleave but stay readable) and show no progress bars
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -27,7 +28,12 @@ _worker: dict[str, Any] = {}
 
 
 def _start_worker(
-    data: MultiTaskData, device: str, threads: int, log_path: Path | None, options: dict[str, Any]
+    parent: int,
+    data: MultiTaskData,
+    device: str,
+    threads: int,
+    log_path: Path | None,
+    options: dict[str, Any],
 ) -> None:
     from taskbalance.bench.determinism import make_deterministic
 
@@ -35,7 +41,7 @@ def _start_worker(
     log_file: IO[str] | None = (
         None if log_path is None else open(log_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
     )
-    _worker.update(data=data, options=options, log_file=log_file)
+    _worker.update(data=data, options=options, log_file=log_file, parent=parent)
 
 
 def _log(line: str) -> None:
@@ -48,7 +54,15 @@ def _train(config: RunConfig, checkpoint: Path | None) -> RunResult:
         _worker["data"], config, checkpoint=checkpoint, progress=False, log=_log,
         **_worker["options"],
     )  # fmt: skip
-    return runner.run()
+    return runner.run(callback=_stop_if_orphaned)
+
+
+def _stop_if_orphaned(_runner: Runner) -> None:
+    # A parent killed outright (SIGKILL, or SIGTERM with no handler) cannot stop its workers;
+    # without this check they would train on, unseen, racing a resumed benchmark for the same
+    # checkpoints. The epoch's checkpoint is written before this runs, so nothing is lost.
+    if os.getppid() != _worker["parent"]:
+        os._exit(1)
 
 
 def train_in_workers(
@@ -90,7 +104,8 @@ def train_in_workers(
         max_workers=min(jobs, len(runs)),
         mp_context=context,
         initializer=_start_worker,
-        initargs=(data, devices.pop(), threads, log_path, runner_options),
+        # The parent's pid from the parent: a worker may start after its parent has died.
+        initargs=(os.getpid(), data, devices.pop(), threads, log_path, runner_options),
     ) as pool:
         futures = {pool.submit(_train, config, path): config for config, path in runs}
         pending = set(futures)

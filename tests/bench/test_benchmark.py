@@ -78,3 +78,22 @@ def test_bad_selection_and_grid_seeds_are_refused():
         BenchConfig(selection="auc")
     with pytest.raises(ValueError, match="grid_seeds must be at least 1"):
         BenchConfig(grid_seeds=0)
+
+
+def test_a_loss_scaled_benchmark_reuses_the_unscaled_single_task_runs(tmp_path):
+    # The x10 experiment copies the unscaled benchmark's single-task checkpoints: a single-task
+    # run ignores loss_scale, so its configuration (and checkpoint) is the same.
+    plain = bench(tmp_path / "plain", grid_seeds=1)
+    (tmp_path / "x10" / "checkpoints").mkdir(parents=True)
+    for checkpoint in (tmp_path / "plain" / "checkpoints").glob("stl_*.pt"):
+        (tmp_path / "x10" / "checkpoints" / checkpoint.name).write_bytes(checkpoint.read_bytes())
+    scaled = bench(tmp_path / "x10", grid_seeds=1, loss_scale={"a": 10.0}, resume=True)
+
+    def by_key(result, single_task):
+        return {key(r): r for r in result.runs if r.label.startswith("stl:") == single_task}
+
+    assert by_key(scaled, True).keys() == by_key(plain, True).keys()
+    for run_key, run in by_key(scaled, True).items():
+        # Read back, not retrained: even the wall-clock field is the first benchmark's.
+        assert run.to_dict() == by_key(plain, True)[run_key].to_dict()
+    assert all(r.config["loss_scale"] == {"a": 10.0} for r in by_key(scaled, False).values())

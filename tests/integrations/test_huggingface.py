@@ -22,6 +22,7 @@ import taskbalance
 from integrations import hf_models
 from integrations.hf_models import LR, STEPS, arguments, dataset, hand_loop, tiny_model
 from taskbalance.integrations.huggingface import (
+    METHOD_STATE,
     MultiTaskTrainer,
     _check_features_reach_losses,
     task_outputs,
@@ -168,3 +169,37 @@ def test_two_ddp_ranks_equal_one_process_on_the_joined_batch(tmp_path):
         expected = [*model.parameters(), *method.parameters()]
         for got, want in zip(trained, expected, strict=True):
             torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_resuming_from_a_checkpoint_restores_the_method_state(tmp_path):
+    # IMTL-L learns its loss scales: a resumed run must continue from the saved scales, so
+    # that stopping at step 2 and resuming equals training the 3 steps in one go.
+    def trainer(folder, model, method):
+        args = arguments(folder, 4)
+        args.save_strategy, args.save_steps = "steps", 2
+        return MultiTaskTrainer(model=model, args=args, train_dataset=dataset(), method=method)
+
+    whole_model, whole_method = tiny_model(), taskbalance.IMTLL(tasks=["score", "topic"])
+    trainer(tmp_path, whole_model, whole_method).train()
+    saved = tmp_path / "checkpoint-2" / METHOD_STATE
+    assert saved.is_file()
+    assert not torch.equal(torch.load(saved)["scales"], torch.zeros(2))  # learnt by step 2
+
+    model, method = tiny_model(), taskbalance.IMTLL(tasks=["score", "topic"])
+    trainer(tmp_path / "again", model, method).train(str(tmp_path / "checkpoint-2"))
+    assert_same_parameters(model, whole_model)
+    assert_same_parameters(method, whole_method)
+
+
+def test_a_checkpoint_without_the_method_state_warns_for_a_stateful_method(tmp_path):
+    args = arguments(tmp_path, 4)
+    args.save_strategy, args.save_steps = "steps", 2
+    method = taskbalance.IMTLL(tasks=["score", "topic"])
+    MultiTaskTrainer(model=tiny_model(), args=args, train_dataset=dataset(), method=method).train()
+    for saved in tmp_path.glob(f"checkpoint-*/{METHOD_STATE}"):  # as a plain Trainer leaves it
+        saved.unlink()
+    resumed = MultiTaskTrainer(
+        model=tiny_model(), args=args, train_dataset=dataset(), method=method
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match=r"holds no taskbalance_method.pt: IMTLL resumes"):
+        resumed.train(resume_from_checkpoint=True)

@@ -16,8 +16,10 @@ Trainer runs it (input preparation, autocast), the losses go through ``method.ba
 the Trainer's gradient-accumulation factor and mixed-precision scaler applied to the gradients
 (never to what the method sees), and everything after (clipping, optimizer and scheduler steps,
 logging, checkpoints) is the Trainer's. The method's own parameters are added to the optimizer
-the Trainer creates. Each logged training entry gains the method's record averaged over the
-steps since the previous one, under ``taskbalance/...`` (see
+the Trainer creates, and its state (learnt loss scales, loss histories) is saved in every
+checkpoint folder as ``taskbalance_method.pt`` and read back by
+``train(resume_from_checkpoint=...)``. Each logged training entry gains the method's record
+averaged over the steps since the previous one, under ``taskbalance/...`` (see
 :func:`taskbalance.integrations.step_metrics`).
 
 With an AdaTask optimizer (``optimizers=(taskbalance.AdaTaskAdam(...), None)``) the step calls
@@ -26,7 +28,9 @@ With an AdaTask optimizer (``optimizers=(taskbalance.AdaTaskAdam(...), None)``) 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,6 +48,7 @@ from taskbalance.optim.adatask import AdaTaskOptimizer
 
 try:
     from transformers import Trainer, TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 except ImportError as error:
     raise missing_extra("Hugging Face Transformers", "hf", error) from error
 
@@ -51,7 +56,10 @@ if TYPE_CHECKING:
     from taskbalance.apply import StepInfo
     from taskbalance.methods.base import Method
 
-__all__ = ["MultiTaskTrainer", "task_outputs"]
+__all__ = ["METHOD_STATE", "MultiTaskTrainer", "task_outputs"]
+
+#: The file, in each of the Trainer's checkpoint folders, that holds the method's state_dict.
+METHOD_STATE = "taskbalance_method.pt"
 
 
 def task_outputs(outputs: Any) -> tuple[Mapping[str, Tensor], Tensor | None]:
@@ -94,8 +102,10 @@ class MultiTaskTrainer(Trainer):
         shared: for a parameter-level method, the name of the shared submodule (e.g.
             ``"bert"``); default the model's ``base_model`` when it is a submodule of it.
 
-    The method lives next to the model (on its device), not in it: save ``trainer.method``'s
-    ``state_dict`` with your checkpoints when the method keeps state.
+    The method lives next to the model (on its device), not in it; its ``state_dict`` is saved
+    in each checkpoint folder (:data:`METHOD_STATE`) and loaded by
+    ``train(resume_from_checkpoint=...)``, so a resumed run continues with the method's
+    learnt scales and histories, not fresh ones.
     """
 
     def __init__(
@@ -120,6 +130,29 @@ class MultiTaskTrainer(Trainer):
             )
         self.method.to(self.args.device)
         self.add_callback(_ClearMethodGrads(self.method))
+        self.add_callback(_SaveMethodState(self.method))
+
+    def train(
+        self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
+    ) -> Any:
+        """The Trainer's ``train``; resuming from a checkpoint also loads the method's state
+        saved there (a checkpoint without one, e.g. written by a plain ``Trainer``, leaves the
+        method as it is, with a warning when the method keeps state)."""
+        folder = resume_from_checkpoint
+        if folder is True:
+            folder = get_last_checkpoint(self.args.output_dir)
+        if isinstance(folder, (str, Path)):
+            path = Path(folder) / METHOD_STATE
+            if path.is_file():
+                state = torch.load(path, map_location=self.args.device, weights_only=True)
+                self.method.load_state_dict(state)
+            elif any(True for _ in (*self.method.parameters(), *self.method.buffers())):
+                warnings.warn(
+                    f"{folder} holds no {METHOD_STATE}: {type(self.method).__name__} resumes "
+                    "with its current state, not the state it had at that checkpoint",
+                    stacklevel=2,
+                )
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer, plus the method's parameters (``method.param_group()``)."""
@@ -219,6 +252,27 @@ def _check_features_reach_losses(model: nn.Module) -> None:
             "otherwise DDP detaches the returned features from the task losses "
             "(MultiTaskTrainer sets the first when it is left unset); or use level='parameter'"
         )
+
+
+class _SaveMethodState(TrainerCallback):
+    """Writes the method's ``state_dict`` into the checkpoint folder the Trainer just saved."""
+
+    def __init__(self, method: Method) -> None:
+        self.method = method
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Called by the Trainer after it has written a checkpoint (on every rank)."""
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if not folder.is_dir():
+            warnings.warn(
+                f"the Trainer's checkpoint folder {folder} was not found: the method's state "
+                "was not saved with it",
+                stacklevel=2,
+            )
+            return
+        torch.save(self.method.state_dict(), folder / METHOD_STATE)
 
 
 class _ClearMethodGrads(TrainerCallback):

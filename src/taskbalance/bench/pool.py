@@ -23,7 +23,7 @@ from typing import IO, Any
 from taskbalance.bench.data.types import MultiTaskData
 from taskbalance.bench.runner import RunConfig, Runner, RunResult
 
-#: What a worker holds between the runs it trains: the data, the Runner options, the open log.
+#: What a worker holds between its runs: the data, the Runner options, the log, the parent's pid.
 _worker: dict[str, Any] = {}
 
 

@@ -97,16 +97,41 @@ def test_each_run_is_reported_when_it_finishes_not_when_the_stage_does():
     assert reported[150] - reported[1] > 0.3
 
 
-ORPHAN_SCRIPT = """
+SCRIPT_HEAD = """
 import sys
 from support.datasets import tiny
 from taskbalance.bench.pool import train_in_workers
 from taskbalance.bench.runner import RunConfig
+LONG = RunConfig(epochs=100_000, batch_size=16, model_options={"hidden": 4})
+"""
+ORPHAN_SCRIPT = (
+    SCRIPT_HEAD
+    + """
 if __name__ == "__main__":
-    runs = [(RunConfig(epochs=100_000, seed=s, batch_size=16, model_options={"hidden": 4}), None)
-            for s in range(2)]
+    runs = [(LONG, None), (RunConfig(**{**LONG.__dict__, "seed": 1}), None)]
     train_in_workers(tiny(), runs, jobs=2, threads=1)
 """
+)
+FAILING_SCRIPT = (
+    SCRIPT_HEAD
+    + """
+if __name__ == "__main__":
+    bad = RunConfig(epochs=1, batch_size=16, model_options={"hidden": 4}, loss_scale={"x": 2.0})
+    try:
+        train_in_workers(tiny(), [(LONG, None), (bad, None)], jobs=2, threads=1)
+    except ValueError as error:
+        print("raised:", error)
+"""
+)
+
+
+def _run_script(tmp_path: Path, text: str) -> subprocess.Popen:
+    script = tmp_path / "script.py"
+    script.write_text(text)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.Popen(
+        [sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True
+    )  # fmt: skip
 
 
 def _children(pid: int) -> list[int]:
@@ -121,12 +146,23 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _gone(pid: int) -> bool:
+    # Exited: no /proc entry, or a zombie where PID 1 does not reap orphans.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:  # never leave a spinning process behind
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 def test_workers_stop_when_their_parent_is_killed(tmp_path):
-    script = tmp_path / "orphan.py"
-    script.write_text(ORPHAN_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    parent = subprocess.Popen([sys.executable, str(script)], env=env)
+    parent = _run_script(tmp_path, ORPHAN_SCRIPT)
     workers: list[int] = []
     try:
         deadline = time.monotonic() + 60
@@ -138,13 +174,24 @@ def test_workers_stop_when_their_parent_is_killed(tmp_path):
         parent.send_signal(signal.SIGKILL)
         parent.wait()
         deadline = time.monotonic() + 30
-        while any(Path(f"/proc/{w}").exists() for w in workers):
+        while not all(_gone(w) for w in workers):
             assert time.monotonic() < deadline, "orphaned workers kept training"
             time.sleep(0.2)
     finally:
-        for pid in [parent.pid, *workers]:  # never leave a spinning process behind
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _kill([parent.pid, *workers])
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_failing_run_stops_the_runs_in_progress_at_once(tmp_path):
+    # Raising is not enough: a worker left training its 100,000 epochs would keep the process
+    # from exiting (the pool's exit hook joins its workers) for minutes.
+    process = _run_script(tmp_path, FAILING_SCRIPT)
+    try:
+        out, _ = process.communicate(timeout=90)
+        assert "raised: loss_scale names unknown task(s) ['x']" in out
+        assert process.returncode == 0
+    finally:
+        _kill([process.pid, *[c for c in _children(process.pid) if _is_worker(c)]])
 
 
 def _is_worker(pid: int) -> bool:

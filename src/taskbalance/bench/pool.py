@@ -14,7 +14,9 @@ trained at the same time interleave but stay readable) and show no progress bars
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -23,25 +25,23 @@ from typing import IO, Any
 from taskbalance.bench.data.types import MultiTaskData
 from taskbalance.bench.runner import RunConfig, Runner, RunResult
 
-#: What a worker holds between its runs: the data, the Runner options, the log, the parent's pid.
+#: What a worker holds between its runs: the data, the Runner options, the open log.
 _worker: dict[str, Any] = {}
 
 
 def _start_worker(
-    parent: int,
-    data: MultiTaskData,
-    device: str,
-    threads: int,
-    log_path: Path | None,
-    options: dict[str, Any],
+    data: MultiTaskData, device: str, threads: int, log_path: Path | None, options: dict[str, Any]
 ) -> None:
     from taskbalance.bench.determinism import make_deterministic
 
+    # Ctrl-C reaches the whole process group: the parent alone decides, and stops the workers
+    # (a worker interrupted by it would return the interrupt as a result and take the next run).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     make_deterministic(device, threads)
     log_file: IO[str] | None = (
         None if log_path is None else open(log_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
     )
-    _worker.update(data=data, options=options, log_file=log_file, parent=parent)
+    _worker.update(data=data, options=options, log_file=log_file)
 
 
 def _log(line: str) -> None:
@@ -61,7 +61,8 @@ def _stop_if_orphaned(_runner: Runner) -> None:
     # A parent killed outright (SIGKILL, or SIGTERM with no handler) cannot stop its workers;
     # without this check they would train on, unseen, racing a resumed benchmark for the same
     # checkpoints. The epoch's checkpoint is written before this runs, so nothing is lost.
-    if os.getppid() != _worker["parent"]:
+    parent = multiprocessing.parent_process()
+    if parent is not None and not parent.is_alive():
         os._exit(1)
 
 
@@ -83,9 +84,10 @@ def train_in_workers(
     per-epoch lines to. ``on_done(config, result)`` is called in this process as each run
     finishes (in finishing order). ``runner_options`` go to every
     :class:`~taskbalance.bench.runner.Runner` (``resume``, ``record_every``,
-    ``keep_final_state``). The first run that raises stops the pool (runs not yet started are
-    cancelled, runs in progress finish their epoch's checkpoint and stop with their worker) and
-    its exception is raised here.
+    ``keep_final_state``). The first run that raises (or an interrupt of this process) stops
+    the pool: runs not yet started are cancelled, the workers are terminated at once (a run in
+    progress keeps its last finished epoch's checkpoint for ``--resume``), and the exception is
+    raised here.
 
     >>> train_in_workers(None, [], jobs=2, threads=1)
     []
@@ -104,19 +106,19 @@ def train_in_workers(
         max_workers=min(jobs, len(runs)),
         mp_context=context,
         initializer=_start_worker,
-        # The parent's pid from the parent: a worker may start after its parent has died.
-        initargs=(os.getpid(), data, devices.pop(), threads, log_path, runner_options),
+        initargs=(data, devices.pop(), threads, log_path, runner_options),
     ) as pool:
         futures = {pool.submit(_train, config, path): config for config, path in runs}
         pending = set(futures)
         try:
             while pending:
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    if future.exception() is not None:
-                        raise future.exception()  # type: ignore[misc]
-                    if on_done is not None:
+                failed = [f for f in finished if f.exception() is not None]
+                if on_done is not None:
+                    for future in finished - set(failed):
                         on_done(futures[future], future.result())
+                if failed:
+                    raise failed[0].exception()  # type: ignore[misc]
         except BaseException:
             _stop(pool)
             raise
@@ -126,8 +128,9 @@ def train_in_workers(
 def _stop(pool: ProcessPoolExecutor) -> None:
     # Without this, leaving the pool waits for every run in progress to end (minutes to hours);
     # their checkpoints keep their last finished epoch for --resume. Python 3.14 names this
-    # ProcessPoolExecutor.terminate_workers(); 3.11 has no public way.
+    # ProcessPoolExecutor.terminate_workers(); 3.11 has no public way. The processes are read
+    # before shutdown, which forgets them.
+    processes = list((getattr(pool, "_processes", None) or {}).values())
     pool.shutdown(wait=False, cancel_futures=True)
-    processes = getattr(pool, "_processes", None) or {}
-    for process in list(processes.values()):
+    for process in processes:
         process.terminate()

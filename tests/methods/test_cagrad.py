@@ -106,3 +106,19 @@ def test_a_small_but_real_minimum_norm_is_not_read_as_stationary():
     update = cagrad_weights(jacobian @ jacobian.T, 0.5, rescale="none") @ jacobian
     mean = jacobian.mean(dim=0)
     assert (update - mean).norm().item() == pytest.approx(0.5 * mean.norm().item(), rel=1e-9)
+
+
+def test_gradients_of_very_different_sizes_are_not_read_as_stationary():
+    # Orthogonal gradients 3,000x apart: nothing is stationary, and a float32 Gramian must give
+    # the float64 update (a threshold scaled by the largest norm alone dropped the small task).
+    jacobian = torch.tensor([[1000.0, 0.0], [0.0, 0.3]], dtype=torch.float64)
+    gram = jacobian @ jacobian.T
+    exact = cagrad_weights(gram, 0.5, rescale="none")
+    assert exact[1] > 100  # the small task's weight is scaled up to matter
+    torch.testing.assert_close(cagrad_weights(gram.float(), 0.5, rescale="none").double(), exact,
+                               rtol=1e-4, atol=0)  # fmt: skip
+    # The same sizes pointing against each other are stationary, in both dtypes.
+    opposed = torch.tensor([[1000.0], [-0.3]], dtype=torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        weights = cagrad_weights((opposed @ opposed.T).to(dtype), 0.5, rescale="none")
+        torch.testing.assert_close(weights, torch.full((2,), 0.5, dtype=dtype))

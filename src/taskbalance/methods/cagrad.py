@@ -22,11 +22,12 @@ At the optimum, every task with ``w_t > 0`` has the smallest improvement ``g_t .
 
 Degenerate cases: ``c = 0`` returns the mean, 1/T each, with no solve; when ``||g_w||``
 vanishes (the tasks are Pareto-stationary: 0 lies in their convex hull) the weights fall back to
-1/T (``d = g_0``). "Vanishes" means below the Gramian's rounding floor,
-``sqrt(T eps) max_t ||g_t||`` with ``eps`` of the Gramian's dtype (:func:`stationary_tolerance`):
-a minimum norm of 0 computes as about ``sqrt(eps)`` times the gradients' size, and reading that
-noise as a direction gives weights that rounding chose (with an exact-zero test, 144 of 400
-random stationary 5-task Gramians got weights up to 0.49 where 0.16 is right).
+1/T (``d = g_0``). "Vanishes" means within the rounding of ``sqrt(w^T K w)``,
+``sqrt(T eps) sum_t w_t ||g_t||`` with ``eps`` of the Gramian's dtype
+(:func:`stationary_tolerance`): a minimum norm of 0 computes as about ``sqrt(eps)`` times the
+combined gradients' size, and reading that noise as a direction gives weights that rounding
+chose (with an exact-zero test, 144 of 400 random stationary 5-task Gramians got weights up to
+0.49 where 0.16 is right).
 Needs: the Gramian. Cost: per-task gradients + about 10 to 40 small QPs.
 Default level: ``"parameter"`` (the paper's setting); ``c = 0.5`` by default.
 """
@@ -55,15 +56,19 @@ Rescale = Literal["none", "1+c^2", "1+c"]
 _RESCALES = ("none", "1+c^2", "1+c")
 
 
-def stationary_tolerance(k: np.ndarray, dtype: torch.dtype) -> float:
-    """The ``||g_w||`` below which a Gramian ``k`` of ``dtype`` counts as Pareto-stationary:
-    ``sqrt(T eps) max_t ||g_t||``, the size rounding gives a combination whose exact norm is 0.
+def stationary_tolerance(k: np.ndarray, w: np.ndarray, dtype: torch.dtype) -> float:
+    """The ``||g_w||`` at or below which the combination ``g_w = sum_t w_t g_t`` of a Gramian
+    ``k`` of ``dtype`` counts as zero: ``sqrt(T eps) sum_t w_t ||g_t||``, the size of the
+    rounding in ``sqrt(w^T K w)`` (each entry ``K_ij`` carries an error of about
+    ``eps ||g_i|| ||g_j||``). Scaled by the norms ``w`` combines, not the largest norm, so that
+    tasks of very different gradient sizes are not read as stationary.
 
     >>> k = np.diag([4.0, 1.0])  # gradient norms 2 and 1
-    >>> f"{stationary_tolerance(k, torch.float32):.3g} {stationary_tolerance(k, torch.float64):.3g}"
-    '0.000977 4.21e-08'
+    >>> w = np.array([0.2, 0.8])  # combines 0.2 * 2 + 0.8 * 1 = 1.2
+    >>> [f"{stationary_tolerance(k, w, dtype):.3g}" for dtype in (torch.float32, torch.float64)]
+    ['0.000586', '2.53e-08']
     """
-    return float(np.sqrt(k.shape[0] * torch.finfo(dtype).eps) * diagonal_norms(k).max())
+    return float(np.sqrt(k.shape[0] * torch.finfo(dtype).eps) * (w @ diagonal_norms(k)))
 
 
 def cagrad_inner(gramian: Tensor, c: float, *, max_iter: int = 100) -> Tensor:
@@ -77,13 +82,13 @@ def cagrad_inner(gramian: Tensor, c: float, *, max_iter: int = 100) -> Tensor:
     tensor([0.5000, 0.5000], dtype=torch.float64)
     """
     check_gramian(gramian)
-    k = to_host(gramian)
-    return to_tensor(_inner(k, c, stationary_tolerance(k, gramian.dtype), max_iter), gramian)
+    return to_tensor(_inner(to_host(gramian), c, gramian.dtype, max_iter), gramian)
 
 
-def _inner(k: np.ndarray, c: float, stationary: float, max_iter: int = 100) -> np.ndarray:
+def _inner(k: np.ndarray, c: float, dtype: torch.dtype, max_iter: int = 100) -> np.ndarray:
     """:func:`cagrad_inner` on a float64 array: every QP of the root search stays on the host.
-    When MGDA's minimum norm is at most ``stationary``, MGDA's weights are the answer."""
+    When MGDA's minimum norm is within the rounding of a ``dtype`` Gramian
+    (:func:`stationary_tolerance`), MGDA's weights are the answer."""
     num = k.shape[0]
     b = k.sum(axis=1) / num
     radius = c * np.sqrt(max(k.sum(), 0.0)) / num
@@ -98,7 +103,7 @@ def _inner(k: np.ndarray, c: float, stationary: float, max_iter: int = 100) -> n
         return norm(w) - s, w
 
     low_gap = norm(mgda)
-    if not (radius > 0 and high > 0 and low_gap > stationary):
+    if not (radius > 0 and high > 0 and low_gap > stationary_tolerance(k, mgda, dtype)):
         return mgda
     lo, hi, f_lo = 0.0, float(high), low_gap
     f_hi, w_hi = gap(hi)
@@ -143,10 +148,9 @@ def cagrad_weights(gramian: Tensor, c: float = 0.5, rescale: Rescale = "1+c^2") 
     weights = np.full(num, 1.0 / num)
     radius = c * np.sqrt(max(k.sum(), 0.0)) / num
     if radius > 0:
-        stationary = stationary_tolerance(k, gramian.dtype)
-        w = _inner(k, c, stationary)
+        w = _inner(k, c, gramian.dtype)
         norm = np.sqrt(max(w @ k @ w, 0.0))
-        if norm > stationary:
+        if norm > stationary_tolerance(k, w, gramian.dtype):
             weights = weights + radius / norm * w
     divisor = {"none": 1.0, "1+c^2": 1.0 + c**2, "1+c": 1.0 + c}[rescale]
     return to_tensor(weights / divisor, gramian, gramian.dtype)

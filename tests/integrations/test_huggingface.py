@@ -171,24 +171,40 @@ def test_two_ddp_ranks_equal_one_process_on_the_joined_batch(tmp_path):
             torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-12)
 
 
-def test_resuming_from_a_checkpoint_restores_the_method_state(tmp_path):
-    # IMTL-L learns its loss scales: a resumed run must continue from the saved scales, so
-    # that stopping at step 2 and resuming equals training the 3 steps in one go.
-    def trainer(folder, model, method):
-        args = arguments(folder, 4)
-        args.save_strategy, args.save_steps = "steps", 2
-        return MultiTaskTrainer(model=model, args=args, train_dataset=dataset(), method=method)
+def saving_trainer(folder, model, method):
+    args = arguments(folder, 4)
+    args.save_strategy, args.save_steps = "steps", 2
+    return MultiTaskTrainer(model=model, args=args, train_dataset=dataset(), method=method)
 
-    whole_model, whole_method = tiny_model(), taskbalance.IMTLL(tasks=["score", "topic"])
-    trainer(tmp_path, whole_model, whole_method).train()
-    saved = tmp_path / "checkpoint-2" / METHOD_STATE
-    assert saved.is_file()
-    assert not torch.equal(torch.load(saved)["scales"], torch.zeros(2))  # learnt by step 2
 
-    model, method = tiny_model(), taskbalance.IMTLL(tasks=["score", "topic"])
-    trainer(tmp_path / "again", model, method).train(str(tmp_path / "checkpoint-2"))
+@pytest.mark.parametrize("name", ["imtl_l", "pcgrad"])
+def test_resuming_from_a_checkpoint_restores_the_method_state(tmp_path, name):
+    # IMTL-L learns its loss scales, PCGrad draws its projection order from its own generator:
+    # a resumed run must continue from the saved state, so that stopping at step 2 and resuming
+    # equals training the 3 steps in one go.
+    whole_model, whole_method = tiny_model(), taskbalance.get_method(name, tasks=["score", "topic"])
+    saving_trainer(tmp_path, whole_model, whole_method).train()
+    saved = torch.load(tmp_path / "checkpoint-2" / METHOD_STATE, weights_only=True)
+    if name == "imtl_l":
+        assert not torch.equal(saved["scales"], torch.zeros(2))  # learnt by step 2
+
+    model, method = tiny_model(), taskbalance.get_method(name, tasks=["score", "topic"])
+    saving_trainer(tmp_path / "again", model, method).train(str(tmp_path / "checkpoint-2"))
     assert_same_parameters(model, whole_model)
     assert_same_parameters(method, whole_method)
+    state, whole_state = method.get_extra_state(), whole_method.get_extra_state()
+    assert state.keys() == whole_state.keys()
+    if "generator" in state:  # the same draws from here on
+        assert torch.equal(state["generator"], whole_state["generator"])
+
+
+def test_the_method_state_goes_into_the_trainers_own_checkpoint_folder(tmp_path):
+    # A hyperparameter-search trial saves under output_dir/run-<id>/, not output_dir/.
+    trainer = saving_trainer(tmp_path, tiny_model(), taskbalance.IMTLL(tasks=["score", "topic"]))
+    trainer._get_output_dir = lambda trial: str(tmp_path / "run-7")
+    trainer.train()
+    assert (tmp_path / "run-7" / "checkpoint-2" / METHOD_STATE).is_file()
+    assert not (tmp_path / "checkpoint-2").exists()
 
 
 def test_a_checkpoint_without_the_method_state_warns_for_a_stateful_method(tmp_path):

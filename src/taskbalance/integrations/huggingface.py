@@ -130,7 +130,6 @@ class MultiTaskTrainer(Trainer):
             )
         self.method.to(self.args.device)
         self.add_callback(_ClearMethodGrads(self.method))
-        self.add_callback(_SaveMethodState(self.method))
 
     def train(
         self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
@@ -144,15 +143,26 @@ class MultiTaskTrainer(Trainer):
         if isinstance(folder, (str, Path)):
             path = Path(folder) / METHOD_STATE
             if path.is_file():
-                state = torch.load(path, map_location=self.args.device, weights_only=True)
-                self.method.load_state_dict(state)
-            elif any(True for _ in (*self.method.parameters(), *self.method.buffers())):
+                # On the CPU: the state may hold a CPU generator's state, which must stay there;
+                # load_state_dict copies the tensors onto the method's device.
+                self.method.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            elif _keeps_state(self.method):
                 warnings.warn(
                     f"{folder} holds no {METHOD_STATE}: {type(self.method).__name__} resumes "
                     "with its current state, not the state it had at that checkpoint",
                     stacklevel=2,
                 )
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any, *args: Any, **kwargs: Any) -> None:
+        # The Trainer's checkpoint, then the method's state into the same folder: the run
+        # folder of a hyperparameter-search trial, on every process that saves (should_save:
+        # each node's main process with save_on_each_node, so every node can resume).
+        super()._save_checkpoint(model, trial, *args, **kwargs)
+        if self.args.should_save:
+            run_dir = Path(self._get_output_dir(trial=trial))
+            folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            torch.save(self.method.state_dict(), folder / METHOD_STATE)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer, plus the method's parameters (``method.param_group()``)."""
@@ -240,6 +250,14 @@ class MultiTaskTrainer(Trainer):
             self._counts[name] = self._counts.get(name, 0) + 1
 
 
+def _keeps_state(method: Method) -> bool:
+    """Whether ``method`` has state a checkpoint should restore: parameters, buffers, or extra
+    state beyond its tasks (e.g. a random generator's state)."""
+    if any(True for _ in (*method.parameters(), *method.buffers())):
+        return True
+    return bool(set(method.get_extra_state()) - {"num_tasks", "task_names", "skipped_steps"})
+
+
 def _check_features_reach_losses(model: nn.Module) -> None:
     """Under DistributedDataParallel with ``find_unused_parameters`` (or ``static_graph``), DDP
     passes the model's outputs through one autograd node, so the returned ``features`` is no
@@ -252,27 +270,6 @@ def _check_features_reach_losses(model: nn.Module) -> None:
             "otherwise DDP detaches the returned features from the task losses "
             "(MultiTaskTrainer sets the first when it is left unset); or use level='parameter'"
         )
-
-
-class _SaveMethodState(TrainerCallback):
-    """Writes the method's ``state_dict`` into the checkpoint folder the Trainer just saved."""
-
-    def __init__(self, method: Method) -> None:
-        self.method = method
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Called by the Trainer after it has written a checkpoint (on every rank)."""
-        if not state.is_world_process_zero:
-            return
-        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if not folder.is_dir():
-            warnings.warn(
-                f"the Trainer's checkpoint folder {folder} was not found: the method's state "
-                "was not saved with it",
-                stacklevel=2,
-            )
-            return
-        torch.save(self.method.state_dict(), folder / METHOD_STATE)
 
 
 class _ClearMethodGrads(TrainerCallback):

@@ -6,17 +6,18 @@ finished run back from ``<out>/checkpoints/<run>.pt``. Such a checkpoint holds t
 and its sampled diagnostics records (about 50,000 on a QM9 run: 1-3 MB), which only
 ``diagnostics.csv`` uses in full. The copies keep the result and the records the plots draw:
 EMTL's ``r_t`` spread (every sample) and AdaTask's AU shares (every layer at the last sample,
-all layers together every 100 steps): 10-60 KB per run. A benchmark resumed from the copies
+all layers together at every 5th sample): 10-75 KB per run. A benchmark resumed from the copies
 writes the same table, ``results.csv``, ``results.json``, report and plots (the AU curves
 sampled more coarsely); its ``diagnostics.csv`` holds only the kept records.
 
-Runs still training are not copied (their checkpoint holds the model). A copy that exists is
-left alone, so the command can be repeated as runs finish.
+Runs still training are not copied; a finished run's copy drops the model that
+``--keep-checkpoints`` keeps. A copy that exists is left alone (copies are written under a
+temporary name, then renamed), so the command can be repeated as runs finish.
 
 Usage (OUT: the benchmark's ``--out``; DEST: where the copies go)::
 
     python benchmarks/keep_finished_runs.py OUT DEST
-    python benchmarks/keep_finished_runs.py ~/tb-runs/paper/qm9 \
+    python benchmarks/keep_finished_runs.py ~/tb-runs/paper/qm9 \\
         benchmarks/results/paper/qm9/checkpoints
 
 To continue elsewhere: copy the folder's files into ``<out>/checkpoints/`` and run the
@@ -26,25 +27,26 @@ benchmark's command with ``--resume``.
 from __future__ import annotations
 
 import argparse
-import io
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-#: The record metrics the benchmark's plots draw (taskbalance.bench.report.write_plots).
-PLOTTED = ("r_spread", "au_share")
-#: AU shares of all layers together are kept at steps divisible by this.
-AU_EVERY = 100
+from taskbalance.bench.runner import FINISHED_STATE
+
+#: AU shares of all layers together are kept at every this many-th sampled step.
+AU_EVERY = 5
 
 
 def plotted_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The records the plots draw, thinned: every ``r_spread``; ``au_share`` of every layer at
-    the last sampled step and of all layers (``"*"``) every :data:`AU_EVERY` steps.
+    """The records the plots draw (:func:`taskbalance.bench.report.write_plots`), thinned: every
+    ``r_spread``; ``au_share`` of every layer at the last sampled step and of all layers
+    (``"*"``) at every :data:`AU_EVERY`-th sampled step.
 
     >>> rs = [{"step": s, "metric": m, "layer": l, "value": 0.0}
-    ...       for s in (0, 20, 100, 120) for m in ("loss", "r_spread", "au_share")
-    ...       for l in ("*", "trunk.0")]
+    ...       for s in (0, 20, 40, 60, 80, 100, 120) for m in ("loss", "r_spread", "au_share")
+    ...       for l in ("*", "trunk.0") if m != "r_spread" or l == "*"]
     >>> for kept in sorted({(r["metric"], r["step"], r["layer"]) for r in plotted_records(rs)}):
     ...     print(kept)
     ('au_share', 0, '*')
@@ -52,27 +54,24 @@ def plotted_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ('au_share', 120, '*')
     ('au_share', 120, 'trunk.0')
     ('r_spread', 0, '*')
-    ('r_spread', 0, 'trunk.0')
     ('r_spread', 20, '*')
-    ('r_spread', 20, 'trunk.0')
+    ('r_spread', 40, '*')
+    ('r_spread', 60, '*')
+    ('r_spread', 80, '*')
     ('r_spread', 100, '*')
-    ('r_spread', 100, 'trunk.0')
     ('r_spread', 120, '*')
-    ('r_spread', 120, 'trunk.0')
     """
-    shares = [r for r in records if r["metric"] == "au_share"]
-    last = max((r["step"] for r in shares), default=None)
-    kept = []
-    for record in records:
-        if record["metric"] == "r_spread" or (
-            record["metric"] == "au_share"
-            and (
-                record["step"] == last
-                or (record["layer"] == "*" and record["step"] % AU_EVERY == 0)
+    steps = sorted({r["step"] for r in records if r["metric"] == "au_share"})
+    every = set(steps[::AU_EVERY])
+
+    def drawn(record: dict[str, Any]) -> bool:
+        if record["metric"] == "au_share":
+            return record["step"] == steps[-1] or (
+                record["layer"] == "*" and record["step"] in every
             )
-        ):
-            kept.append(record)
-    return kept
+        return record["metric"] == "r_spread"
+
+    return [record for record in records if drawn(record)]
 
 
 def keep(source: Path, destination: Path) -> tuple[int, int]:
@@ -85,14 +84,14 @@ def keep(source: Path, destination: Path) -> tuple[int, int]:
         if target.exists():
             continue
         state = torch.load(path, weights_only=True)
-        if "model" in state or state.get("result") is None:  # still training
+        if state.get("result") is None:  # still training
             continue
-        state["result"] = {
-            **state["result"], "records": plotted_records(state["result"]["records"])
-        }  # fmt: skip
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        target.write_bytes(buffer.getvalue())
+        # Without the model (kept by --keep-checkpoints), as a finished run's checkpoint.
+        kept = {key: state[key] for key in FINISHED_STATE}
+        kept["result"] = {**kept["result"], "records": plotted_records(kept["result"]["records"])}
+        partial = target.with_suffix(".part")  # never a half-written copy under the real name
+        torch.save(kept, partial)
+        os.replace(partial, target)
         copied += 1
     return copied, len(list(destination.glob("*.pt")))
 

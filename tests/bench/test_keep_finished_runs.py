@@ -64,3 +64,17 @@ def test_a_run_still_training_is_not_copied(tmp_path, keeper):
     torch.save({**state, "model": {}, "result": None}, unfinished)
     assert keeper.keep(checkpoints, tmp_path / "kept") == (7, 7)
     assert not (tmp_path / "kept" / unfinished.name).exists()
+
+
+def test_a_run_kept_with_its_model_is_copied_without_it(tmp_path, keeper):
+    config = BenchConfig(
+        dataset="tiny", methods=[MethodSpec("ew")], epochs=2, batch_size=8, seeds=[0],
+        model_options={"hidden": 8}, out_dir=str(tmp_path / "a"), timing_rounds=0,
+        keep_checkpoints=True, single_task=False,
+    )  # fmt: skip
+    run_benchmark(config, data=tiny(), progress=False, echo=lambda _line: None)
+    assert keeper.keep(tmp_path / "a" / "checkpoints", tmp_path / "kept") == (1, 1)
+    (copy,) = (tmp_path / "kept").iterdir()
+    assert copy.name == "ew-lr0.001-seed0.pt"
+    assert "model" not in torch.load(copy, weights_only=True)
+    assert not list((tmp_path / "kept").glob("*.part"))

@@ -373,6 +373,13 @@ def _cast_split(split: Split, dtype: torch.dtype) -> Split:
     return Split(cast(split.x), {k: cast(v) for k, v in split.y.items()}, split.x_cat)
 
 
+#: What a finished run's checkpoint keeps (all that resuming it needs): no model, optimizer or
+#: method state.
+FINISHED_STATE: tuple[str, ...] = (
+    "version", "config", "data", "epoch", "history", "status", "diverged_epoch", "result",
+)  # fmt: skip
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename (never half-written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -564,8 +571,7 @@ class Runner:
         state = self.state_dict()
         if self.result is not None and not self.keep_final_state:
             # Finished: resuming needs only the result; the weights and moments are dropped.
-            state = {k: state[k] for k in ("version", "config", "data", "epoch", "history",
-                                          "status", "diverged_epoch", "result")}  # fmt: skip
+            state = {k: state[k] for k in FINISHED_STATE}
         _atomic_save(state, self.checkpoint)
 
     # -- training -----------------------------------------------------------------------------

@@ -97,3 +97,19 @@ def test_a_loss_scaled_benchmark_reuses_the_unscaled_single_task_runs(tmp_path):
         # Read back, not retrained: even the wall-clock field is the first benchmark's.
         assert run.to_dict() == by_key(plain, True)[run_key].to_dict()
     assert all(r.config["loss_scale"] == {"a": 10.0} for r in by_key(scaled, False).values())
+
+
+def test_resume_says_how_many_checkpoints_it_found(tmp_path):
+    def said(**kw):
+        lines = []
+        config = BenchConfig(
+            dataset="tiny", methods=[MethodSpec("ew")], epochs=1, batch_size=16,
+            model_options={"hidden": 8}, out_dir=str(tmp_path), timing_rounds=0, **kw,
+        )  # fmt: skip
+        run_benchmark(config, data=tiny(), progress=False, echo=lines.append)
+        return [line for line in lines if "resum" in line]
+
+    assert said(resume=True) == [f"--resume: no checkpoints in {tmp_path / 'checkpoints'} yet, "
+                                 "every run starts"]  # fmt: skip
+    assert said(resume=True) == [f"resuming from 3 run checkpoint(s) in {tmp_path / 'checkpoints'}"]
+    assert said() == []

@@ -440,6 +440,14 @@ def run_benchmark(
         data = load_bench_data(config)
     echo(f"{data.name}: {len(data.train)} / {len(data.val)} / {len(data.test)} train / val / "
          f"test, tasks {', '.join(data.task_names)}")  # fmt: skip
+    if config.resume:
+        folder = out / "checkpoints"
+        found = len(list(folder.glob("*.pt")))
+        echo(
+            f"resuming from {found} run checkpoint(s) in {folder}"
+            if found
+            else f"--resume: no checkpoints in {folder} yet, every run starts"
+        )
     grid_seeds = config.seeds[: config.grid_seeds or len(config.seeds)]
     later_seeds = config.seeds[len(grid_seeds) :]
     n_lrs = len(config.lrs)

@@ -492,8 +492,6 @@ def run_benchmark(
             if config.jobs > 1 and len(runs) > 1:
                 if bar is not None:
                     bar.set_postfix_str(f"{min(config.jobs, len(runs))} runs at a time")
-                if log_file is not None:
-                    log_file.flush()
                 return train_in_workers(
                     data, runs, jobs=config.jobs, threads=torch.get_num_threads(),
                     log_path=log_path if log_file is not None else None, on_done=finished,

@@ -43,6 +43,7 @@ from taskbalance.integrations.common import (
     missing_extra,
     step_metrics,
 )
+from taskbalance.methods.base import Method
 from taskbalance.methods.ew import EW
 from taskbalance.optim.adatask import AdaTaskOptimizer
 
@@ -54,7 +55,6 @@ except ImportError as error:
 
 if TYPE_CHECKING:
     from taskbalance.apply import StepInfo
-    from taskbalance.methods.base import Method
 
 __all__ = ["METHOD_STATE", "MultiTaskTrainer", "task_outputs"]
 
@@ -255,7 +255,7 @@ def _keeps_state(method: Method) -> bool:
     state beyond its tasks (e.g. a random generator's state)."""
     if any(True for _ in (*method.parameters(), *method.buffers())):
         return True
-    return bool(set(method.get_extra_state()) - {"num_tasks", "task_names", "skipped_steps"})
+    return bool(set(method.get_extra_state()) - set(Method.get_extra_state(method)))
 
 
 def _check_features_reach_losses(model: nn.Module) -> None:

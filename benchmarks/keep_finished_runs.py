@@ -11,8 +11,9 @@ writes the same table, ``results.csv``, ``results.json``, report and plots (the 
 sampled more coarsely); its ``diagnostics.csv`` holds only the kept records.
 
 Runs still training are not copied; a finished run's copy drops the model that
-``--keep-checkpoints`` keeps. A copy that exists is left alone (copies are written under a
-temporary name, then renamed), so the command can be repeated as runs finish.
+``--keep-checkpoints`` keeps. A copy that exists is left alone (copies are written as the
+runner writes checkpoints: under a temporary name, then renamed), so the command can be
+repeated as runs finish.
 
 Usage (OUT: the benchmark's ``--out``; DEST: where the copies go)::
 
@@ -27,13 +28,12 @@ benchmark's command with ``--resume``.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from taskbalance.bench.runner import FINISHED_STATE
+from taskbalance.bench.runner import FINISHED_STATE, save_checkpoint
 
 #: AU shares of all layers together are kept at every this many-th sampled step.
 AU_EVERY = 5
@@ -89,9 +89,7 @@ def keep(source: Path, destination: Path) -> tuple[int, int]:
         # Without the model (kept by --keep-checkpoints), as a finished run's checkpoint.
         kept = {key: state[key] for key in FINISHED_STATE}
         kept["result"] = {**kept["result"], "records": plotted_records(kept["result"]["records"])}
-        partial = target.with_suffix(".part")  # never a half-written copy under the real name
-        torch.save(kept, partial)
-        os.replace(partial, target)
+        save_checkpoint(kept, target)
         copied += 1
     return copied, len(list(destination.glob("*.pt")))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from taskbalance.bench.runner import (
     RunConfig,
     Runner,
     parse_method_spec,
+    save_checkpoint,
 )
 from taskbalance.optim import AdaTaskAdam
 
@@ -324,3 +326,18 @@ def test_a_finished_runs_checkpoint_keeps_only_its_result_unless_asked(tmp_path)
     for name, result in (("slim.pt", slim), ("full.pt", full)):
         again = Runner(data, config(), checkpoint=tmp_path / name, resume=True, progress=False)
         assert again.run() == result
+
+
+class _Unsaveable:
+    def __reduce__(self):
+        raise pickle.PicklingError("refused midway")
+
+
+def test_save_checkpoint_never_leaves_a_half_written_file(tmp_path):
+    path = tmp_path / "run.pt"
+    save_checkpoint({"epoch": 1}, path)
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    # A save that fails midway keeps the previous checkpoint whole under its name.
+    with pytest.raises(pickle.PicklingError, match="refused midway"):
+        save_checkpoint({"epoch": 2, "bad": _Unsaveable()}, path)
+    assert torch.load(path, weights_only=True) == {"epoch": 1}

@@ -380,8 +380,9 @@ FINISHED_STATE: tuple[str, ...] = (
 )  # fmt: skip
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename (never half-written)."""
+def save_checkpoint(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: a checkpoint is never
+    half-written under its real name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as f:
         torch.save(obj, f)
@@ -572,7 +573,7 @@ class Runner:
         if self.result is not None and not self.keep_final_state:
             # Finished: resuming needs only the result; the weights and moments are dropped.
             state = {k: state[k] for k in FINISHED_STATE}
-        _atomic_save(state, self.checkpoint)
+        save_checkpoint(state, self.checkpoint)
 
     # -- training -----------------------------------------------------------------------------
     def _losses(self, outputs: Mapping[str, Tensor], y: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -5,8 +5,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from support.dense_files import write_scenes
 
+from support.dense_files import write_scenes
 from taskbalance.bench.dense.scenes import load_cityscapes, load_nyuv2
 
 

@@ -27,9 +27,9 @@ into memory once (about 4.5 GB for NYUv2, 1.6 GB for the 128 x 256 Cityscapes).
 
 Splits: the copies have a ``train`` and a ``val`` folder and the papers report on ``val``, so
 ``val/`` is the **test** split here; the validation split (model selection) is a seeded
-``val_size`` images held out of ``train/`` (default a tenth, at least one), which the papers' own code does
-not have (MTAN averages its last ten epochs on the test images, LibMTL keeps the best test
-epoch).
+``val_size`` images held out of ``train/`` (default a tenth, at least one), which the papers'
+own code does not have (MTAN averages its last ten epochs on the test images, LibMTL keeps the
+best test epoch).
 """
 
 from __future__ import annotations

@@ -78,9 +78,9 @@ def test_features_drop_the_input_when_it_has_no_shared_parameters():
 
 def test_outputs_have_one_logit_per_class_or_one_value():
     tasks = [TaskSpec("left", "multiclass", 10, "accuracy", True)]
-    assert LeNetHPS(tasks)(torch.zeros(3, 1, 28, 28))["left"].shape == (3, 10)
-    out = build_model("ple", tabular(), options={"hidden": 8})(
-        torch.zeros(3, 4), torch.zeros(3, 2, dtype=torch.long)
+    assert LeNetHPS(tasks)(torch.zeros(3, 1, 28, 28))[1]["left"].shape == (3, 10)
+    _, out = build_model("ple", tabular(), options={"hidden": 8})(
+        (torch.zeros(3, 4), torch.zeros(3, 2, dtype=torch.long))
     )
     assert out["reg"].shape == (3,) and out["bin"].shape == (3,)
 

@@ -157,7 +157,7 @@ def test_the_selected_epoch_minimises_the_mean_validation_loss_and_is_what_test_
     assert result.best_epoch == 1 + criteria.index(min(criteria))
     assert result.val_metrics == result.history[result.best_epoch - 1]["val_metric"]
     runner.model.load_state_dict(runner.best["model"])
-    _, test_metrics = runner.evaluate(data.test)
+    _, test_metrics = runner.evaluate("test")
     assert test_metrics == result.test_metrics
 
 

@@ -1,8 +1,10 @@
 """Benchmark models: hard parameter sharing (LeNet trunk or MLP shared bottom), MMoE and PLE.
 
-Every model is a :class:`MultiTaskModel`: a shared ``trunk`` (all shared parameters, and nothing
-else), one entry of ``heads`` per task, and
+Every model is a :class:`MultiTaskModel`, which fits the model contract of
+:class:`taskbalance.bench.problem.Problem`: a shared ``trunk`` (all shared parameters, and
+nothing else), one entry of ``heads`` per task, and
 
+* ``forward(inputs) -> (z, {task: output})``, ``inputs`` being ``x`` or ``(x, x_cat)``;
 * ``trunk_forward(x, x_cat) -> z``: the shared representation the heads read;
 * ``heads[task](z) -> output``: logits ``(B, C)`` for multiclass tasks, ``(B,)`` for binary
   (a logit) and regression tasks;
@@ -71,10 +73,13 @@ class MultiTaskModel(nn.Module):
         """The shared representation ``z`` the heads read."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor, x_cat: Tensor | None = None) -> dict[str, Tensor]:
-        """Every head's output, ``{task: output}``."""
+    def forward(
+        self, inputs: Tensor | tuple[Tensor, Tensor | None]
+    ) -> tuple[Representation, dict[str, Tensor]]:
+        """``(z, {task: output})`` for ``inputs`` = ``x`` or ``(x, x_cat)``."""
+        x, x_cat = inputs if isinstance(inputs, tuple) else (inputs, None)
         z = self.trunk_forward(x, x_cat)
-        return {t: self.heads[t](z) for t in self.task_names}
+        return z, {t: self.heads[t](z) for t in self.task_names}
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """The shared parameters (the trunk's)."""
@@ -138,8 +143,8 @@ class LeNetHPS(MultiTaskModel):
     >>> from taskbalance.bench.data.types import TaskSpec
     >>> tasks = [TaskSpec(t, "multiclass", 10, "accuracy", True) for t in ("left", "right")]
     >>> model = LeNetHPS(tasks)
-    >>> out = model(torch.zeros(2, 1, 28, 28))
-    >>> out["left"].shape, model.trunk_forward(torch.zeros(2, 1, 28, 28)).shape
+    >>> z, out = model(torch.zeros(2, 1, 28, 28))
+    >>> out["left"].shape, z.shape
     (torch.Size([2, 10]), torch.Size([2, 50]))
     """
 
@@ -170,7 +175,7 @@ class MLPSharedBottom(MultiTaskModel):
 
     >>> from taskbalance.bench.data.types import TaskSpec
     >>> model = MLPSharedBottom([TaskSpec("y", "regression", 1, "mae", False)], dense=3)
-    >>> model(torch.zeros(4, 3))["y"].shape
+    >>> model(torch.zeros(4, 3))[1]["y"].shape
     torch.Size([4])
     """
 
@@ -274,7 +279,7 @@ class PLE(MMoE):
 
     >>> from taskbalance.bench.data.types import TaskSpec
     >>> tasks = [TaskSpec(t, "binary", 1, "auc", True) for t in "ab"]
-    >>> PLE(tasks, dense=5)(torch.zeros(3, 5))["a"].shape
+    >>> PLE(tasks, dense=5)(torch.zeros(3, 5))[1]["a"].shape
     torch.Size([3])
     """
 

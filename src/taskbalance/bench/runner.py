@@ -2,20 +2,29 @@
 
 Protocol of one run (:class:`Runner`):
 
-* Model: :func:`taskbalance.bench.models.build_model` (``config.arch``), initialised after
-  ``torch.manual_seed(config.seed)``.
-* Losses per task: :func:`taskbalance.bench.metrics.task_loss` (cross-entropy; BCE with logits
-  over the non-missing labels; MSE, or L1, on standardised regression targets). A task's loss
+* Problem: a :class:`taskbalance.bench.problem.Problem` (the data, the model factory, each
+  task's loss and metric). A built-in :class:`~taskbalance.bench.data.types.MultiTaskData`
+  given instead becomes one through :func:`taskbalance.bench.builtin.builtin_problem` with
+  ``config.arch``, ``config.model_options`` and ``config.regression_loss``.
+* Model: ``problem.model(tasks)``, built after ``torch.manual_seed(config.seed)``.
+* Losses per task: the task's ``loss`` (for the built-in data sets
+  :func:`taskbalance.bench.metrics.task_loss`: cross-entropy; BCE with logits over the
+  non-missing labels; MSE, or L1, on standardised regression targets). A task's loss
   is multiplied by ``config.loss_scale[task]`` before the method sees it (the IMTL paper's x10
   experiment); selection and reports use the unscaled losses.
-* Update: ``method.backward(losses, shared=model.trunk, features=model.features(z))`` then the
-  optimizer's step. The optimizer is Adam (L2 ``weight_decay``) over the model and
+* Update: ``method.backward(losses, shared=model.trunk, features=features(z))`` then the
+  optimizer's step. A multi-input problem (one data set per task) draws one batch per task per
+  step, an epoch being as many steps as the largest training set needs (the smaller ones
+  cycle, reshuffled each time round), and trains at parameter level only. The optimizer is
+  Adam (L2 ``weight_decay``) over the model and
   ``method.param_group()``. The pseudo-method ``"adatask"`` pairs a loss-level method (EW by
   default, option ``base=``) with :class:`taskbalance.optim.AdaTaskAdam` (per-task moments on the
   shared parameters; L2 weight decay, as Adam's, so the two differ only in the moments).
 * Stochastic methods (those with a ``seed`` hyperparameter) get ``seed=config.seed`` unless given.
 * Mini-batches: a fresh permutation of the training split per epoch from a generator seeded with
-  ``config.seed``; the last partial batch is kept.
+  ``config.seed``; the last partial batch is kept. Evaluation reads each split in order, in
+  batches of ``problem.eval_batch_size`` or ``config.eval_batch_size`` rows, and feeds each
+  task's metric (see :class:`taskbalance.bench.problem.Task`).
 * Selection: after each epoch, a validation criterion; the epoch with the lowest value is the
   selected one and its model state is kept. With ``config.reference`` (the single-task
   baselines' validation metrics of the same seed) the criterion is the validation Delta m %
@@ -46,7 +55,7 @@ Protocol of one run (:class:`Runner`):
 from __future__ import annotations
 
 import copy
-import dataclasses
+import functools
 import math
 import os
 import statistics
@@ -61,16 +70,22 @@ import torch
 from torch import Tensor, nn
 
 from taskbalance.apply import StepInfo
-from taskbalance.bench.data.types import MultiTaskData, Split
-from taskbalance.bench.metrics import (
-    HIGHER_IS_BETTER,
-    RegressionLoss,
-    delta_m,
-    task_loss,
-    task_metric,
-)
-from taskbalance.bench.models import MultiTaskModel, Representation, build_model
+from taskbalance.bench.builtin import builtin_problem
+from taskbalance.bench.data.types import MultiTaskData
+from taskbalance.bench.metrics import RegressionLoss, delta_m
 from taskbalance.bench.parallel import World, broadcast, current_world, mean_over_ranks, shard
+from taskbalance.bench.problem import (
+    Batch,
+    Problem,
+    check_model,
+    check_problem,
+    features,
+    fetch,
+    metric_value,
+    parse_value,
+    rows,
+    to_device,
+)
 from taskbalance.engine.requirement import Requirement
 from taskbalance.errors import NonFiniteLossError
 from taskbalance.methods.base import Method
@@ -122,21 +137,6 @@ class MethodSpec:
         return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.options.items())
 
 
-def _value(text: str) -> Any:
-    """A hyperparameter value: int, float, bool, None, or else the string itself."""
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "none":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def parse_method_spec(text: str) -> MethodSpec:
     """Parse ``name`` or ``name:key=value,key=value`` and check it against the registry.
 
@@ -164,7 +164,7 @@ def parse_method_spec(text: str) -> MethodSpec:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ValueError(f"method spec {text!r}: expected key=value, got {item!r}")
-        options[key.strip()] = _value(value.strip())
+        options[key.strip()] = parse_value(value.strip())
     allowed = ["base"] if name == "adatask" else [k for k in hyperparameters(name) if k != "tasks"]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
@@ -317,13 +317,13 @@ def _build_method(config: RunConfig, tasks: tuple[str, ...]) -> Method:
 
 
 def _build_optimizer(
-    config: RunConfig, model: MultiTaskModel, method: Method
+    config: RunConfig, model: nn.Module, method: Method, tasks: Sequence[str]
 ) -> torch.optim.Optimizer:
-    shared = model.shared_parameters()
+    shared = list(model.trunk.parameters())
     ids = {id(p) for p in shared}
     others = [p for p in model.parameters() if id(p) not in ids]
     method_group = method.param_group() if list(method.parameters()) else None
-    if config.method.name == "adatask" and len(model.task_names) > 1:
+    if config.method.name == "adatask" and len(tasks) > 1:
         from taskbalance.optim import AdaTaskAdam
 
         # Named parameters (torch wants every group named, or none): the AU diagnostic reports
@@ -345,32 +345,6 @@ def _build_optimizer(
         )
     groups = [{"params": [*shared, *others]}] + ([method_group] if method_group else [])
     return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
-
-
-class _TrainingForward(nn.Module):
-    """``(z, {task: head(z)})`` in one forward: the module DistributedDataParallel wraps, so that
-    the training forward goes through DDP (arming its reducer) and still returns ``z``, which
-    feature-level methods need."""
-
-    def __init__(self, model: MultiTaskModel, tasks: Sequence[str]) -> None:
-        super().__init__()
-        self.model = model
-        self.tasks = tuple(tasks)
-
-    def forward(
-        self, x: Tensor, x_cat: Tensor | None = None
-    ) -> tuple[Representation, dict[str, Tensor]]:
-        z = self.model.trunk_forward(x, x_cat)
-        return z, {t: self.model.heads[t](z) for t in self.tasks}
-
-
-def _cast_split(split: Split, dtype: torch.dtype) -> Split:
-    """Floating inputs and targets in ``dtype`` (category indices and class labels untouched)."""
-
-    def cast(t: Tensor) -> Tensor:
-        return t.to(dtype) if t.is_floating_point() else t
-
-    return Split(cast(split.x), {k: cast(v) for k, v in split.y.items()}, split.x_cat)
 
 
 #: What a finished run's checkpoint keeps (all that resuming it needs): no model, optimizer or
@@ -423,7 +397,7 @@ class Runner:
 
     def __init__(
         self,
-        data: MultiTaskData,
+        data: Problem | MultiTaskData,
         config: RunConfig,
         *,
         checkpoint: str | os.PathLike[str] | None = None,
@@ -434,28 +408,18 @@ class Runner:
         keep_final_state: bool = False,
         dtype: torch.dtype | None = None,
     ) -> None:
-        if dtype is not None:
-            data = dataclasses.replace(
-                data,
-                train=_cast_split(data.train, dtype),
-                val=_cast_split(data.val, dtype),
-                test=_cast_split(data.test, dtype),
-            )
-        self.data = data
+        problem = (
+            data
+            if isinstance(data, Problem)
+            else builtin_problem(data, config.arch, config.model_options, config.regression_loss)
+        )
+        self.problem = check_problem(problem)
         self.config = config
+        self.dtype = dtype
         self.world: World = current_world()
-        self.tasks: tuple[str, ...] = config.tasks or data.task_names
-        self.specs = {t: data.task(t) for t in self.tasks}
-        unknown = sorted(set(config.loss_scale) - set(data.task_names))
-        if unknown:
-            raise ValueError(
-                f"loss_scale names unknown task(s) {unknown}; tasks: {', '.join(data.task_names)}"
-            )
-        if config.reference is not None and set(config.reference) != set(self.tasks):
-            raise ValueError(
-                f"reference must give one validation metric per task {list(self.tasks)}, "
-                f"got {sorted(config.reference)}"
-            )
+        self.tasks: tuple[str, ...] = config.tasks or problem.task_names
+        self.specs = {t: problem.task(t) for t in self.tasks}
+        self._check(problem, config)
         self.scale = (
             {}
             if len(self.tasks) == 1
@@ -464,18 +428,23 @@ class Runner:
         self.device = torch.device(config.device)
         # The same seed on every rank: identical initial models (DDP also broadcasts rank 0's).
         torch.manual_seed(config.seed)
-        self.model = build_model(config.arch, data, self.tasks, config.model_options).to(
+        self.model = check_model(problem.model(self.tasks), problem).to(
             device=self.device, dtype=dtype
         )
         self.method = _build_method(config, self.tasks).to(device=self.device, dtype=dtype)
-        self.optimizer = _build_optimizer(config, self.model, self.method)
+        if problem.multi_input and self.method.level == "feature":
+            raise ValueError(
+                f"{config.label}: {problem.name} is multi-input (one data set per task), so it "
+                f"trains at parameter level; use {config.method.name}:level=parameter"
+            )
+        self.optimizer = _build_optimizer(config, self.model, self.method, self.tasks)
         self.adatask = config.method.name == "adatask" and len(self.tasks) > 1
-        self.forward: nn.Module = _TrainingForward(self.model, self.tasks)
+        self.forward: nn.Module = self.model
         if self.world.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device] if self.device.type == "cuda" else None
-            self.forward = DistributedDataParallel(self.forward, device_ids=ids)
+            self.forward = DistributedDataParallel(self.model, device_ids=ids)
         self.recorder = None
         if record_every and len(self.tasks) > 1:
             from taskbalance.diagnostics import Recorder
@@ -496,19 +465,34 @@ class Runner:
         self.log = log if self.world.main else None
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.keep_final_state = keep_final_state
-        self._train = self._to_device(data.train)
         if resume and self.checkpoint is not None and self.checkpoint.exists():
             try:
                 self.load_state_dict(torch.load(self.checkpoint, weights_only=True))
             except CheckpointMismatchError as error:
                 raise CheckpointMismatchError(f"{self.checkpoint}: {error}") from None
 
-    def _to_device(self, split: Split) -> Split:
-        if self.device.type == "cpu":
-            return split
-        x_cat = None if split.x_cat is None else split.x_cat.to(self.device)
-        y = {t: split.y[t].to(self.device) for t in self.tasks}
-        return Split(split.x.to(self.device), y, x_cat)
+    def _check(self, problem: Problem, config: RunConfig) -> None:
+        unknown = sorted(set(config.loss_scale) - set(problem.task_names))
+        if unknown:
+            raise ValueError(
+                f"loss_scale names unknown task(s) {unknown}; tasks: "
+                f"{', '.join(problem.task_names)}"
+            )
+        if config.reference is not None and set(config.reference) != set(self.tasks):
+            raise ValueError(
+                f"reference must give one validation metric per task {list(self.tasks)}, "
+                f"got {sorted(config.reference)}"
+            )
+        if problem.multi_input and self.world.distributed:
+            raise ValueError(
+                f"{problem.name} is multi-input: not supported under torch.distributed"
+            )
+
+    def _batch(self, split: str, index: Tensor, task: str | None = None) -> Batch:
+        """Rows ``index`` of ``split`` (of ``task``'s data set when multi-input), collated and on
+        the device."""
+        dataset = self.problem.split(split, task)
+        return to_device(fetch(dataset, index, self.problem.collate), self.device, self.dtype)
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -516,7 +500,7 @@ class Runner:
         return {
             "version": CHECKPOINT_VERSION,
             "config": self.config.to_dict(),
-            "data": self.data.fingerprint,
+            "data": self.problem.key,
             "epoch": self.epoch,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -544,10 +528,10 @@ class Runner:
             raise CheckpointMismatchError(
                 f"the checkpoint was written for another configuration ({keys})"
             )
-        if state["data"] != self.data.fingerprint:
+        if state["data"] != self.problem.key:
             raise CheckpointMismatchError(
                 f"the checkpoint was written for other data (fingerprint {state['data']}, this "
-                f"run's data {self.data.fingerprint}: another data set, split or training size)"
+                f"run's data {self.problem.key}: another data set, split or training size)"
             )
         self.epoch = state["epoch"]
         self.history = list(state["history"])
@@ -576,34 +560,41 @@ class Runner:
         save_checkpoint(state, self.checkpoint)
 
     # -- training -----------------------------------------------------------------------------
+    def outputs(self, batch: Batch) -> tuple[Any, dict[str, Tensor], dict[str, Tensor]]:
+        """The forward of a training batch: ``(z, {task: output}, {task: target})``; ``z`` is
+        ``None`` for a multi-input batch (``{task: (inputs, target)}``), whose task ``t`` output
+        comes from ``t``'s own inputs."""
+        if self.problem.multi_input:
+            outputs = {t: self.forward(batch[t][0])[1][t] for t in self.tasks}
+            return None, outputs, {t: batch[t][1] for t in self.tasks}
+        inputs, targets = batch
+        z, outputs = self.forward(inputs)
+        return z, outputs, {t: targets[t] for t in self.tasks}
+
     def _losses(self, outputs: Mapping[str, Tensor], y: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return {
-            t: task_loss(self.specs[t], outputs[t], y[t], self.config.regression_loss)
-            for t in self.tasks
-        }
+        return {t: self.specs[t].loss(outputs[t], y[t]) for t in self.tasks}
 
     def _scaled(self, raw: dict[str, Tensor]) -> dict[str, Tensor]:
         """The losses the method sees: ``--loss-scale`` applied."""
         return {t: raw[t] * self.scale[t] if self.scale.get(t, 1.0) != 1.0 else raw[t]
                 for t in self.tasks}  # fmt: skip
 
-    def step(
-        self, x: Tensor, x_cat: Tensor | None, y: Mapping[str, Tensor]
-    ) -> tuple[dict[str, Tensor], StepInfo]:
-        """One training step on a batch: forward, losses, the method's backward, the optimizer's
-        step. Returns the unscaled losses (detached) and the method's :class:`StepInfo`.
+    def step(self, batch: Batch) -> tuple[dict[str, Tensor], StepInfo]:
+        """One training step on a collated batch (on the device): forward, losses, the method's
+        backward, the optimizer's step. Returns the unscaled losses (detached) and the method's
+        :class:`StepInfo`.
 
         Raises :class:`taskbalance.NonFiniteLossError` (nothing updated) on a NaN loss.
         """
-        z, outputs = self.forward(x, x_cat)
-        raw = self._losses(outputs, y)
+        z, outputs, targets = self.outputs(batch)
+        raw = self._losses(outputs, targets)
         losses = self._scaled(raw)
         self.optimizer.zero_grad(set_to_none=True)
         if self.adatask:
             info = self.optimizer.backward(losses, method=self.method)  # type: ignore[attr-defined]
         else:
             info = self.method.backward(
-                losses, shared=self.model.trunk, features=self.model.features(z)
+                losses, shared=self.model.trunk, features=None if z is None else features(z)
             )
         self.optimizer.step()
         if self.method.wants_new_losses:
@@ -611,10 +602,52 @@ class Runner:
             # the paper's code does (one extra forward, no backward); averaged over the ranks
             # so that every rank's method state stays the same.
             with torch.no_grad():
-                _, after = self.forward(x, x_cat)
-                new = torch.stack(list(self._scaled(self._losses(after, y)).values()))
+                _, after, targets = self.outputs(batch)
+                new = torch.stack(list(self._scaled(self._losses(after, targets)).values()))
             self.method.update(mean_over_ranks(new.double(), self.world).to(new.dtype))
         return {t: v.detach() for t, v in raw.items()}, info
+
+    def batches(self) -> list[tuple[int, Callable[[], Batch]]]:
+        """One epoch's training batches, in order, as ``(rows, fetch)`` pairs (the rows this
+        rank trains on, and how to get the batch); draws the epoch's order from the shuffle
+        generator. Multi-input: as many steps as the largest task's data set needs, each with
+        a batch of every task (the smaller sets cycle, reshuffled each time round)."""
+        size = self.config.batch_size
+        if not self.problem.multi_input:
+            n = len(self.problem.train)  # type: ignore[arg-type]
+            order = torch.randperm(n, generator=self.shuffle)
+            cuts = [shard(order[s : s + size], self.world) for s in range(0, n, size)]
+            return [(len(i), functools.partial(self._batch, "train", i)) for i in cuts if len(i)]
+        sizes = self.problem.sizes("train")
+        longest = max(sizes.values())
+        orders = {}
+        for t in self.tasks:
+            rounds = -(-longest // sizes[t])
+            orders[t] = torch.cat(
+                [torch.randperm(sizes[t], generator=self.shuffle) for _ in range(rounds)]
+            )[:longest]
+        return [
+            (
+                min(size, longest - s) * len(self.tasks),
+                functools.partial(
+                    self._task_batches, {t: o[s : s + size] for t, o in orders.items()}
+                ),
+            )
+            for s in range(0, longest, size)
+        ]
+
+    def first_batch(self) -> Batch:
+        """The first ``batch_size`` training rows (of every task's data set when multi-input;
+        this rank's shard under several ranks), collated and on the device."""
+        size = self.config.batch_size
+        if self.problem.multi_input:
+            sizes = self.problem.sizes("train")
+            return self._task_batches({t: torch.arange(min(size, sizes[t])) for t in self.tasks})
+        n = min(len(self.problem.train), size)  # type: ignore[arg-type]
+        return self._batch("train", shard(torch.arange(n), self.world))
+
+    def _task_batches(self, index: Mapping[str, Tensor]) -> Batch:
+        return {t: self._batch("train", i, t) for t, i in index.items()}
 
     def train_epoch(self) -> dict[str, Any] | None:
         """One pass over the training split; ``None`` if a loss turned NaN or infinite.
@@ -624,26 +657,19 @@ class Runner:
         ranks (one all-reduce per epoch).
         """
         self.model.train()
-        split, n = self._train, len(self._train)
-        order = torch.randperm(n, generator=self.shuffle)
         # Running sums stay on the device, in float64: no host sync per step.
         totals = torch.zeros(len(self.tasks), dtype=torch.float64, device=self.device)
         weights = torch.zeros(len(self.tasks), dtype=torch.float64, device=self.device)
         steps, times = 0, []
-        for start in range(0, n, self.config.batch_size):
-            index = shard(order[start : start + self.config.batch_size], self.world)
-            if len(index) == 0:  # fewer rows than ranks: every rank skips it alike
-                continue
-            index = index.to(self.device)
-            x_cat = None if split.x_cat is None else split.x_cat[index]
-            batch = (split.x[index], x_cat, {t: split.y[t][index] for t in self.tasks})
+        for count, get in self.batches():
+            batch = get()
             began = time.perf_counter()
             try:
-                raw, info = self.step(*batch)
+                raw, info = self.step(batch)
             except NonFiniteLossError:
                 return None
             times.append(time.perf_counter() - began)
-            self.rows_trained += len(index)
+            self.rows_trained += count
             totals += torch.stack([raw[t] for t in self.tasks]).double()
             weights += info.weights.detach().double().to(self.device)
             steps += 1
@@ -651,7 +677,10 @@ class Runner:
                 self.recorder.observe(info)
         self.step_times.extend(times)
         if steps == 0:
-            raise ValueError(f"no training step: {n} training rows for {self.world.size} rank(s)")
+            raise ValueError(
+                f"no training step: {self.problem.sizes('train')} training rows for "
+                f"{self.world.size} rank(s)"
+            )
         totals = mean_over_ranks(totals, self.world).cpu()
         weights = weights.cpu()
         return {
@@ -662,33 +691,39 @@ class Runner:
         }
 
     @torch.no_grad()
-    def evaluate(self, split: Split) -> tuple[dict[str, float], dict[str, float]]:
-        """Unscaled losses and metrics per task on ``split`` (in evaluation mode).
+    def evaluate(self, split: str) -> tuple[dict[str, float], dict[str, float]]:
+        """Unscaled losses and metrics per task on ``split`` (``"val"`` or ``"test"``), in
+        evaluation mode; no metric when a loss is not finite.
 
         Under several ranks every rank evaluates the whole split and rank 0's numbers are
         returned everywhere, so that all ranks select and stop alike.
         """
         return broadcast(self._evaluate(split), self.world)
 
-    def _evaluate(self, split: Split) -> tuple[dict[str, float], dict[str, float]]:
+    def _evaluate(self, split: str) -> tuple[dict[str, float], dict[str, float]]:
         self.model.eval()
-        outputs: dict[str, list[Tensor]] = {t: [] for t in self.tasks}
-        size = self.config.eval_batch_size
-        for start in range(0, len(split), size):
-            x = split.x[start : start + size].to(self.device)
-            x_cat = None if split.x_cat is None else split.x_cat[start : start + size]
-            out = self.model(x, None if x_cat is None else x_cat.to(self.device))
-            for t in self.tasks:
-                outputs[t].append(out[t].cpu())
-        joined = {t: torch.cat(v) for t, v in outputs.items()}
-        y = {t: split.y[t] for t in self.tasks}
-        losses = {t: float(v) for t, v in self._losses(joined, y).items()}
+        size = self.problem.eval_batch_size or self.config.eval_batch_size
+        loss_acc = {t: self.specs[t].loss_accumulator() for t in self.tasks}
+        metric_acc = {t: self.specs[t].accumulator(self.device) for t in self.tasks}
+        groups = [(t,) for t in self.tasks] if self.problem.multi_input else [self.tasks]
+        for group in groups:
+            n = len(self.problem.split(split, group[0]))  # type: ignore[arg-type]
+            for start, stop in rows(size, n):
+                inputs, targets = self._batch(
+                    split, torch.arange(start, stop), group[0] if self.problem.multi_input else None
+                )
+                _, out = self.model(inputs)
+                for t in group:
+                    target = targets if self.problem.multi_input else targets[t]
+                    loss_acc[t].update(out[t], target)
+                    metric_acc[t].update(out[t], target)
+        losses = {t: metric_value(a.compute()) for t, a in loss_acc.items()}
         if not all(math.isfinite(v) for v in losses.values()):
             return losses, {}
-        metrics = {
-            t: task_metric(self.specs[t], joined[t], y[t], self.data.target_stats)
-            for t in self.tasks
-        }
+        try:
+            metrics = {t: metric_value(a.compute()) for t, a in metric_acc.items()}
+        except ValueError as error:
+            raise ValueError(f"{self.problem.name}, {split} split: {error}") from None
         return losses, metrics
 
     def run(self, callback: Callable[[Runner], None] | None = None) -> RunResult:
@@ -722,7 +757,7 @@ class Runner:
 
     def _one_epoch(self, bar: Any) -> None:
         record = self.train_epoch()
-        val_losses, val_metrics = ({}, {}) if record is None else self.evaluate(self.data.val)
+        val_losses, val_metrics = ({}, {}) if record is None else self.evaluate("val")
         if record is None or not val_metrics:
             self.status, self.diverged_epoch = "diverged", self.epoch + 1
             if self.log is not None:
@@ -759,7 +794,7 @@ class Runner:
         reference = self.config.reference
         if reference is None:
             return _mean(losses)
-        higher = {t: HIGHER_IS_BETTER[self.specs[t].metric] for t in self.tasks}
+        higher = {t: self.specs[t].higher_is_better for t in self.tasks}
         return delta_m(metrics, reference, higher)
 
     def _finish(self) -> RunResult:
@@ -769,7 +804,7 @@ class Runner:
             # The selected state is evaluated on a copy: the trained state stays as it is.
             final = copy.deepcopy(self.model.state_dict())
             self.model.load_state_dict(self.best["model"])
-            test_losses, test_metrics = self.evaluate(self.data.test)
+            test_losses, test_metrics = self.evaluate("test")
             self.model.load_state_dict(final)
         return RunResult(
             config=self.config.to_dict(),
@@ -793,7 +828,7 @@ def _mean(values: Mapping[str, float]) -> float:
 
 
 def train(
-    data: MultiTaskData,
+    data: Problem | MultiTaskData,
     config: RunConfig,
     checkpoint: str | os.PathLike[str] | None = None,
     resume: bool = False,
@@ -815,7 +850,7 @@ def train(
 
 
 def time_steps(
-    data: MultiTaskData,
+    data: Problem | MultiTaskData,
     configs: Sequence[RunConfig],
     rounds: int = 5,
     steps: int = 10,
@@ -840,17 +875,12 @@ def time_steps(
     times: dict[str, list[float]] = {c.label: [] for c in configs}
     batches = []
     for runner in runners:
-        split, n = runner._train, min(len(runner._train), runner.config.batch_size)
-        # Under several ranks: this rank's shard of the batch (every rank times alike).
-        index = shard(torch.arange(n), runner.world).to(runner.device)
-        y = {t: split.y[t][index] for t in runner.tasks}
-        x_cat = None if split.x_cat is None else split.x_cat[index]
-        batches.append((split.x[index], x_cat, y))
-        runner.step(*batches[-1])  # warm-up: allocations, lazy state
+        batches.append(runner.first_batch())
+        runner.step(batches[-1])  # warm-up: allocations, lazy state
     for _ in range(rounds):
         for runner, batch in zip(runners, batches, strict=True):
             for _ in range(steps):
                 began = time.perf_counter()
-                runner.step(*batch)
+                runner.step(batch)
                 times[runner.config.label].append(time.perf_counter() - began)
     return {label: 1e3 * statistics.median(values) for label, values in times.items()}

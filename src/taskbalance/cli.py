@@ -174,6 +174,15 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         help=f"one of: {', '.join(DATASETS)} (default {DEFAULT_DATASET})",
     )
     bench.add_argument(
+        "--problem",
+        nargs="+",
+        default=None,
+        metavar=("MODULE:FACTORY", "KEY=VALUE"),
+        help="your own problem instead of --dataset: FACTORY(**{KEY: VALUE}) in the importable "
+        "MODULE returns a taskbalance.bench.problem.Problem (data, model factory, per-task "
+        "loss and metric; docs/problems.md)",
+    )
+    bench.add_argument(
         "--methods",
         nargs="+",
         type=_method_spec,
@@ -368,11 +377,13 @@ def bench_config(args: argparse.Namespace):
     """The :class:`~taskbalance.bench.benchmark.BenchConfig` that ``args`` describe: the
     protocol's settings (:func:`taskbalance.bench.protocols.protocol`), each overridden by the
     options given explicitly."""
-    from taskbalance.bench.benchmark import BenchConfig, all_methods, default_methods, paper_methods
+    from taskbalance.bench.benchmark import BenchConfig
+    from taskbalance.bench.plan import all_methods, default_methods, paper_methods
     from taskbalance.bench.protocols import DEFAULT_DATASET, protocol
 
     dataset = args.dataset or DEFAULT_DATASET
-    preset = protocol("full" if args.full else args.protocol, dataset)
+    entry, problem_args = _problem_option(args)
+    preset = protocol("full" if args.full else args.protocol, "problem" if entry else dataset)
     if args.lr_grid is not None:
         lrs = list(args.lr_grid)
     elif args.tune:
@@ -396,8 +407,11 @@ def bench_config(args: argparse.Namespace):
     if args.data_root is not None:
         data_options["root"] = args.data_root
     methods = {"default": default_methods, "all": all_methods, "paper": paper_methods}
+    name = entry.rpartition(":")[2] if entry else dataset
     return BenchConfig(
         dataset=dataset,
+        problem=entry,
+        problem_args=problem_args,
         methods=list(args.methods or methods[preset.methods]()),
         arch=args.arch or preset.arch or "hps",
         model_options=model_options,
@@ -412,7 +426,8 @@ def bench_config(args: argparse.Namespace):
         train_size=args.train_size if args.train_size is not None else preset.train_size,
         data_options=data_options,
         single_task=not args.no_single_task,
-        out_dir=args.out or str(Path("taskbalance-bench") / dataset),
+        out_dir=args.out or str(Path("taskbalance-bench") / name),
+        threads=args.threads,
         resume=args.resume,
         keep_checkpoints=args.keep_checkpoints,
         jobs=args.jobs,
@@ -422,6 +437,37 @@ def bench_config(args: argparse.Namespace):
         grid_seeds=args.grid_seeds or preset.grid_seeds,
         protocol=preset.name,
     )
+
+
+#: Options that describe a built-in data set's model or files: no meaning with --problem.
+BUILTIN_ONLY = ("dataset", "arch", "hidden", "layers", "experts", "data_root", "cache_dir")
+
+
+def _problem_option(args: argparse.Namespace) -> tuple[str | None, dict]:
+    """``--problem MODULE:FACTORY KEY=VALUE ...`` as ``(entry, arguments)``; one-line errors
+    for malformed arguments and for options that only a built-in data set takes."""
+    from taskbalance.bench.problem import parse_arguments
+
+    if not args.problem:
+        return None, {}
+    given = [f"--{o.replace('_', '-')}" for o in BUILTIN_ONLY if getattr(args, o) is not None]
+    if given:
+        raise SystemExit(
+            f"taskbalance bench: {', '.join(given)} describe(s) a built-in data set; --problem "
+            "brings its own data and model"
+        )
+    entry, *items = args.problem
+    try:
+        return entry, parse_arguments(items)
+    except ValueError as error:
+        raise SystemExit(f"taskbalance bench: --problem {entry}: {error}") from None
+
+
+def _check_out(out: str) -> None:
+    """Refuse an output folder that is an existing file, before anything loads."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise SystemExit(f"taskbalance bench: --out {out} is an existing file; give a folder")
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -440,17 +486,14 @@ def _bench(args: argparse.Namespace) -> None:
 
 def _bench_in_world(args: argparse.Namespace) -> None:
     import dataclasses
-    import shlex
 
-    from taskbalance.bench.benchmark import load_bench_data, run_benchmark
-    from taskbalance.bench.data import ChecksumError, FetchError
     from taskbalance.bench.determinism import make_deterministic
-    from taskbalance.bench.parallel import barrier, current_world, local_device
-    from taskbalance.bench.runner import CheckpointMismatchError
+    from taskbalance.bench.parallel import current_world, local_device
 
     world = current_world()
     say = print if world.main else (lambda *_args, **_kw: None)
     config = bench_config(args)
+    _check_out(config.out_dir)
     if world.distributed and config.jobs > 1:
         raise SystemExit(
             "taskbalance bench: --jobs trains runs side by side in one process's workers; under "
@@ -458,47 +501,15 @@ def _bench_in_world(args: argparse.Namespace) -> None:
         )
     config = dataclasses.replace(config, device=local_device(config.device, world))
     make_deterministic(config.device, args.threads)
-    try:
-        # Rank 0 first: it fetches into the cache (once) while the others wait, then they read.
-        if not world.main:
-            barrier(world)
-        data = load_bench_data(config)
-        if world.main:
-            barrier(world)
-    except (FetchError, ChecksumError) as error:
-        raise SystemExit(f"taskbalance bench: {error}") from None
-    unknown = sorted(set(config.loss_scale) - set(data.task_names))
-    if unknown:
-        raise SystemExit(
-            f"taskbalance bench: --loss-scale names unknown task(s) {', '.join(unknown)}; "
-            f"tasks of {data.name}: {', '.join(data.task_names)}"
-        )
-    if config.arch != "hps" and data.train.x.dim() != 2:
-        raise SystemExit(f"taskbalance bench: --arch {config.arch} is for tabular data; "
-                         f"{data.name} has images: use --arch hps")  # fmt: skip
+    problem = _load_checked(config, world)
     notes = []
     if len(config.lrs) == 1:
         notes.append(
             f"fixed learning rate {config.lrs[0]:g} for every method (no grid; --tune or "
             "--lr-grid gives every method the same small grid, chosen on validation)"
         )
-    launcher = (
-        f"torchrun --nproc_per_node {world.size} $(which taskbalance)"
-        if world.distributed
-        else "taskbalance"
-    )
-    command = f"{launcher} {shlex.join(args.argv)}"
     say(f"methods: {', '.join(m.label for m in config.methods)}")
-    try:
-        result = run_benchmark(
-            config, data=data, command=command.strip(), progress=not args.no_progress,
-            verbose=args.verbose, notes=notes,
-        )  # fmt: skip
-    except CheckpointMismatchError as error:
-        raise SystemExit(
-            f"taskbalance bench: {error}; resume with the options that wrote it, or use "
-            "another --out"
-        ) from None
+    result = _run(config, problem, args, world, notes)
     say()
     say(result.table)
     say()
@@ -507,6 +518,50 @@ def _bench_in_world(args: argparse.Namespace) -> None:
     say(f"finished in {result.seconds:.0f} s; written:")
     for kind, path in result.files.items():
         say(f"  {kind:18s} {path}")
+
+
+def _load_checked(config, world):
+    """The problem, loaded (rank 0 first: it fetches into the cache while the others wait)
+    and checked before anything trains: the loss-scale tasks, the model, the methods."""
+    from taskbalance.bench.benchmark import load_bench_problem
+    from taskbalance.bench.data import ChecksumError, FetchError
+    from taskbalance.bench.parallel import barrier
+    from taskbalance.bench.runner import check_setup
+
+    try:
+        if not world.main:
+            barrier(world)
+        problem = load_bench_problem(config)
+        if world.main:
+            barrier(world)
+        check_setup(problem, config.methods, config.loss_scale, config.seeds[0])
+    except (FetchError, ChecksumError, ValueError) as error:
+        raise SystemExit(f"taskbalance bench: {error}") from None
+    return problem
+
+
+def _run(config, problem, args, world, notes):
+    import shlex
+
+    from taskbalance.bench.benchmark import run_benchmark
+    from taskbalance.bench.runner import CheckpointMismatchError
+
+    launcher = (
+        f"torchrun --nproc_per_node {world.size} $(which taskbalance)"
+        if world.distributed
+        else "taskbalance"
+    )
+    command = f"{launcher} {shlex.join(args.argv)}"
+    try:
+        return run_benchmark(
+            config, data=problem, command=command.strip(), progress=not args.no_progress,
+            verbose=args.verbose, notes=notes,
+        )  # fmt: skip
+    except CheckpointMismatchError as error:
+        raise SystemExit(
+            f"taskbalance bench: {error}; resume with the options that wrote it, or use "
+            "another --out"
+        ) from None
 
 
 def _datasets(args: argparse.Namespace) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from support.datasets import tiny
-from taskbalance.bench import benchmark
+from taskbalance.bench import benchmark, plan
 from taskbalance.bench.protocols import GRID, PAPER_METHODS
 from taskbalance.cli import TUNE_GRID, bench_config, build_parser, main
 
@@ -57,7 +57,7 @@ def test_full_means_every_method_three_seeds_more_epochs_and_the_grid_on_seed_0(
     assert config.seeds == [0, 1, 2] and config.epochs == 15
     assert config.lrs == list(GRID) and config.grid_seeds == 1
     assert config.train_size == 20_000 and config.selection == "delta_m"
-    assert [m.name for m in config.methods] == [m.name for m in benchmark.all_methods()]
+    assert [m.name for m in config.methods] == [m.name for m in plan.all_methods()]
     assert {"moco", "upgrad", "stch", "excess_mtl"} <= {m.name for m in config.methods}
     overridden = parse("--full", "--epochs", "3", "--seeds", "2", "--grid-seeds", "2")
     assert (overridden.epochs, overridden.seeds, overridden.grid_seeds) == (3, [0, 1], 2)
@@ -147,7 +147,7 @@ def test_paper_protocol_uses_the_whole_data_and_its_methods(dataset, epochs, arc
 
 
 def test_every_paper_method_exists():
-    assert set(PAPER_METHODS) <= set(benchmark.available_methods())
+    assert set(PAPER_METHODS) <= set(plan.available_methods())
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from support.datasets import tiny
-from taskbalance.bench.benchmark import BenchConfig, references, run_benchmark
+from taskbalance.bench.benchmark import BenchConfig, run_benchmark
+from taskbalance.bench.plan import references
 from taskbalance.bench.runner import MethodSpec, RunResult
 
 LRS = [3e-2, 1e-3]

@@ -9,19 +9,21 @@ import math
 import pytest
 import torch
 
-from taskbalance.bench.benchmark import select
+from taskbalance.bench.builtin import builtin_problem
 from taskbalance.bench.data.types import MultiTaskData, Split, TaskSpec
+from taskbalance.bench.plan import select
+from taskbalance.bench.problem import Problem
 from taskbalance.bench.report import STL, format_table, summarize, write_outputs
 from taskbalance.bench.runner import RunResult
 
 
-def data() -> MultiTaskData:
+def data() -> Problem:
     s = Split(torch.zeros(2, 1), {"acc": torch.zeros(2), "err": torch.zeros(2)})
     tasks = (
         TaskSpec("acc", "multiclass", 3, "accuracy", True),
         TaskSpec("err", "regression", 1, "mae", False, unit="eV"),
     )
-    return MultiTaskData("toy", tasks, s, s, s, "toy data", "none")
+    return builtin_problem(MultiTaskData("toy", tasks, s, s, s, "toy data", "none"))
 
 
 def run(label, seed, metrics, lr=1e-3, crit=1.0, step=2.0, status="ok") -> RunResult:
@@ -197,8 +199,16 @@ def test_delta_m_bars_always_and_the_relative_error_map_from_three_tasks(tmp_pat
     assert files["delta_m"].read_bytes()[:4] == b"\x89PNG" and "relative_error" not in files
     assert "![delta_m](delta_m.png)" in files["report"].read_text()
     s = Split(torch.zeros(2, 1), {t: torch.zeros(2) for t in "abc"})
-    three = MultiTaskData(
-        "toy3", tuple(TaskSpec(t, "regression", 1, "mae", False) for t in "abc"), s, s, s, "", ""
+    three = builtin_problem(
+        MultiTaskData(
+            "toy3",
+            tuple(TaskSpec(t, "regression", 1, "mae", False) for t in "abc"),
+            s,
+            s,
+            s,
+            "",
+            "",
+        )
     )
     runs = [run(f"stl:{t}", 0, {t: 1.0}) for t in "abc"]
     runs.append(run("ew", 0, {"a": 1.5, "b": 0.5, "c": 1.0}))

@@ -26,74 +26,42 @@ progress bars and writes the log, checkpoints and outputs.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import platform
-import re
-import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
+from torch.utils.data import Subset
 
 from taskbalance import __version__
+from taskbalance.bench import executor
+from taskbalance.bench.builtin import builtin_problem
 from taskbalance.bench.data import load_dataset
 from taskbalance.bench.data.types import MultiTaskData, split_indices
+from taskbalance.bench.determinism import make_deterministic
 from taskbalance.bench.parallel import current_world
-from taskbalance.bench.pool import train_in_workers
-from taskbalance.bench.protocols import PAPER_METHODS
-from taskbalance.bench.report import Row, format_table, summarize, write_outputs
-from taskbalance.bench.runner import (
-    MethodSpec,
-    RunConfig,
-    Runner,
-    RunResult,
-    available_methods,
-    time_steps,
+from taskbalance.bench.plan import (
+    baseline_plan,
+    choose_lrs,
+    config_from_dict,
+    default_methods,
+    in_table_order,
+    method_plan,
+    references,
+    run_name,
+    select,
 )
-
-#: The methods ``taskbalance bench`` runs by default, when they exist in the registry.
-DEFAULT_METHODS: tuple[str, ...] = (
-    "ew", "imtl_l", "imtl_g", "imtl", "emtl", "adatask",
-    "uw", "dwa", "rlw", "mgda", "pcgrad", "cagrad", "famo", "nash_mtl",
-)  # fmt: skip
-
-
-def default_methods() -> list[MethodSpec]:
-    """:data:`DEFAULT_METHODS` that are available now, as specs."""
-    valid = set(available_methods())
-    return [MethodSpec(m) for m in DEFAULT_METHODS if m in valid]
-
+from taskbalance.bench.problem import Problem, TensorData, load_problem
+from taskbalance.bench.report import Row, format_table, summarize, write_outputs
+from taskbalance.bench.runner import MethodSpec, RunConfig, RunResult, time_steps
 
 #: The epoch-selection rules of :attr:`BenchConfig.selection`.
 SELECTIONS: tuple[str, ...] = ("delta_m", "loss")
-
-
-def all_methods() -> list[MethodSpec]:
-    """Every available method as a spec (the full protocol's list): :data:`DEFAULT_METHODS`
-    first, then the rest of the registry in alphabetical order.
-
-    >>> [m.name for m in all_methods()][:3], len(all_methods()) == len(available_methods())
-    (['ew', 'imtl_l', 'imtl_g'], True)
-    """
-    valid = available_methods()
-    first = [m for m in DEFAULT_METHODS if m in valid]
-    return [MethodSpec(m) for m in [*first, *sorted(set(valid) - set(first))]]
-
-
-def paper_methods() -> list[MethodSpec]:
-    """The paper-scale protocol's methods
-    (:data:`taskbalance.bench.protocols.PAPER_METHODS`) that are available now, as specs.
-
-    >>> [m.name for m in paper_methods()][:4]
-    ['ew', 'imtl_l', 'imtl_g', 'imtl']
-    """
-    valid = set(available_methods())
-    return [MethodSpec(m) for m in PAPER_METHODS if m in valid]
 
 
 @dataclass
@@ -105,6 +73,12 @@ class BenchConfig:
     """
 
     dataset: str = "qm9"
+    problem: str | None = None
+    """A ``module:factory`` entry point making the :class:`~taskbalance.bench.problem.Problem`
+    to train instead of ``dataset`` (``arch``, ``model_options``, ``regression_loss`` and
+    ``data_options`` then do not apply: the problem brings its model, losses and data)."""
+    problem_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the ``problem`` factory."""
     methods: list[MethodSpec] = field(default_factory=default_methods)
     arch: str = "hps"
     model_options: dict[str, int] = field(default_factory=dict)
@@ -141,6 +115,9 @@ class BenchConfig:
     keep_checkpoints: bool = False
     """Keep every finished run's model, optimizer and method state in its checkpoint; by
     default a finished run's checkpoint keeps only its result (enough for ``resume``)."""
+    threads: int | None = None
+    """torch's CPU threads, set by :func:`run_benchmark` (default: 1 on CPU, the CLI's policy:
+    small models on shared cores; see :func:`taskbalance.bench.determinism.make_deterministic`)."""
     protocol: str = "custom"
     """The named protocol these settings came from (:mod:`taskbalance.bench.protocols`), for
     the report; ``"custom"`` when built by hand."""
@@ -158,7 +135,7 @@ class BenchConfig:
 class BenchResult:
     """The outcome: the table rows, every run, the selected runs, and the files written."""
 
-    data: MultiTaskData
+    data: Problem
     rows: list[Row]
     runs: list[RunResult]
     selected: list[RunResult]
@@ -187,152 +164,50 @@ def load_bench_data(config: BenchConfig) -> MultiTaskData:
     return data
 
 
-def run_name(config: RunConfig) -> str:
-    """A run's name in the log and its checkpoint's file name: ``<label>-lr<lr>-seed<seed>``
-    (characters other than letters, digits and ``_.=-`` in the label become ``_``).
+def load_bench_problem(config: BenchConfig) -> Problem:
+    """The problem ``config`` describes: ``config.problem``'s (its training split cut to a
+    seeded subset of ``train_size`` rows when smaller), or the built-in ``config.dataset``
+    (:func:`load_bench_data`) with ``config.arch``. Errors of an entry point are one line
+    (:func:`taskbalance.bench.problem.load_problem`)."""
+    if config.problem is None:
+        data = load_bench_data(config)
+        return builtin_problem(data, config.arch, config.model_options, config.regression_loss)
+    problem = load_problem(config.problem, config.problem_args)
+    if config.train_size is None or problem.multi_input:
+        return problem
+    n = len(problem.train)  # type: ignore[arg-type]
+    if config.train_size >= n:
+        return problem
+    (keep,) = split_indices(n, (config.train_size,), config.data_seed)
+    return dataclasses.replace(problem, train=subset(problem.train, keep.sort().values),
+                               fingerprint=None if problem.fingerprint is None else
+                               f"{problem.fingerprint}-train{config.train_size}")  # fmt: skip
 
-    >>> run_name(RunConfig(tasks=("mu",), lr=3e-3, seed=1))
-    'stl_mu-lr0.003-seed1'
+
+def subset(dataset: Any, index: torch.Tensor) -> Any:
+    """The rows ``index`` of ``dataset``: a :class:`TensorData` of them, or a ``Subset``.
+
+    >>> subset(TensorData(torch.arange(4.0), {"y": torch.arange(4)}), torch.tensor([1, 3]))[1]
+    (tensor(3.), {'y': tensor(3)})
     """
-    label = re.sub(r"[^A-Za-z0-9_.=-]+", "_", config.label)
-    return f"{label}-lr{config.lr:g}-seed{config.seed}"
+    if isinstance(dataset, TensorData):
+        return TensorData(*dataset.batch(index))
+    return Subset(dataset, index.tolist())
 
 
-def _common(config: BenchConfig) -> dict[str, Any]:
-    return {
-        "arch": config.arch,
-        "model_options": dict(config.model_options),
-        "epochs": config.epochs,
-        "batch_size": config.batch_size,
-        "weight_decay": config.weight_decay,
-        "device": config.device,
-        "regression_loss": config.regression_loss,
-    }
+def rows_text(problem: Problem) -> str:
+    """The split sizes for reports: ``train / val / test``, per task when multi-input.
 
-
-def _by_lr_then_seed(runs: list[RunConfig], lrs: Sequence[float]) -> list[RunConfig]:
-    # Stable: within one (lr, seed), tasks or methods keep the order they were listed in.
-    return sorted(runs, key=lambda r: (lrs.index(r.lr), r.seed))
-
-
-def baseline_plan(
-    config: BenchConfig,
-    data: MultiTaskData,
-    seeds: Sequence[int],
-    lrs: Callable[[str], Sequence[float]],
-) -> list[RunConfig]:
-    """The single-task runs for ``seeds``, per lr (``lrs(label)``), per seed, per task."""
-    runs = []
-    for task in data.task_names:
-        for lr in lrs(f"stl:{task}"):
-            for seed in seeds:
-                runs.append(RunConfig(tasks=(task,), lr=lr, seed=seed, **_common(config)))
-    return _by_lr_then_seed(runs, config.lrs)
-
-
-def method_plan(
-    config: BenchConfig,
-    seeds: Sequence[int],
-    lrs: Callable[[str], Sequence[float]],
-    references: Mapping[int, dict[str, float] | None],
-) -> list[RunConfig]:
-    """The method runs for ``seeds``, per lr (``lrs(label)``), per seed, in method order; each
-    seed's runs select their epochs against ``references[seed]`` (see
-    :attr:`RunConfig.reference`)."""
-    runs = []
-    for spec in config.methods:
-        for lr in lrs(spec.label):
-            for seed in seeds:
-                runs.append(
-                    RunConfig(
-                        method=spec,
-                        lr=lr,
-                        seed=seed,
-                        loss_scale=dict(config.loss_scale),
-                        reference=references.get(seed),
-                        **_common(config),
-                    )
-                )
-    return _by_lr_then_seed(runs, config.lrs)
-
-
-def choose_lrs(runs: Sequence[RunResult], seeds: Sequence[int] | None = None) -> dict[str, float]:
-    """Per label, the learning rate whose validation criterion (at the selected epoch),
-    averaged over the runs of ``seeds`` (default: every run), is lowest. Validation only: test
-    values are never read. A diverged run counts as +inf.
-
-    >>> def r(label, lr, crit, seed=0):
-    ...     h = [{"criterion": crit, "epoch": 1}]
-    ...     return RunResult({"lr": lr, "seed": seed}, label, [], h, 1, {}, {}, {}, 1.0, "ok",
-    ...                      None, 0)
-    >>> choose_lrs([r("ew", 1e-3, 0.5), r("ew", 1e-2, 0.4), r("ew", 1e-3, 0.1, seed=1)], [0])
-    {'ew': 0.01}
+    >>> d = TensorData(torch.zeros(3, 1), {"y": torch.zeros(3)})
+    >>> rows_text(Problem("p", (), d, d, d, model=print))
+    '3 / 3 / 3'
     """
-    by_label: dict[str, dict[float, list[RunResult]]] = {}
-    for run in runs:
-        if seeds is None or run.config["seed"] in seeds:
-            by_label.setdefault(run.label, {}).setdefault(run.config["lr"], []).append(run)
-    return {
-        label: min(grid, key=lambda lr: statistics.fmean(_criterion(r) for r in grid[lr]))
-        for label, grid in by_label.items()
-    }
-
-
-def select(runs: Sequence[RunResult], seeds: Sequence[int] | None = None) -> list[RunResult]:
-    """Per label, every run at the learning rate :func:`choose_lrs` picks on ``seeds``.
-
-    >>> def r(label, lr, crit):
-    ...     h = [{"criterion": crit, "epoch": 1}]
-    ...     return RunResult({"lr": lr, "seed": 0}, label, [], h, 1, {}, {}, {}, 1.0, "ok", None, 0)
-    >>> [x.config["lr"] for x in select([r("ew", 1e-3, 0.5), r("ew", 1e-2, 0.4)])]
-    [0.01]
-    """
-    chosen = choose_lrs(runs, seeds)
-    return [run for run in runs if run.config["lr"] == chosen[run.label]]
-
-
-def in_table_order(runs: Sequence[RunResult], methods: Sequence[MethodSpec]) -> list[RunResult]:
-    """``runs`` ordered as the table lists them: single-task baselines first, then the methods
-    in the order given (not the order they ran in, which follows the chosen learning rates),
-    each by seed.
-
-    >>> def r(label, seed):
-    ...     return RunResult({"lr": 1e-3, "seed": seed}, label, [], [], 1, {}, {}, {}, 1.0, "ok",
-    ...                      None, 0)
-    >>> runs = [r("imtl", 0), r("ew", 1), r("stl:a", 0), r("ew", 0)]
-    >>> [(x.label, x.config["seed"]) for x in in_table_order(runs, [MethodSpec("ew"),
-    ...                                                              MethodSpec("imtl")])]
-    [('stl:a', 0), ('ew', 0), ('ew', 1), ('imtl', 0)]
-    """
-    rank = {spec.label: i for i, spec in enumerate(methods)}
-    return sorted(runs, key=lambda r: (rank.get(r.label, -1), r.config["seed"]))
-
-
-def references(baselines: Sequence[RunResult]) -> dict[int, dict[str, float] | None]:
-    """Per seed, the selected single-task runs' validation metrics ``{task: value}``: the
-    reference of the methods' validation Delta m. ``None`` for a seed where a baseline has no
-    selected epoch (it diverged): that seed's methods fall back to the mean validation loss."""
-    out: dict[int, dict[str, float] | None] = {}
-    for run in baselines:
-        seed = run.config["seed"]
-        if seed in out and out[seed] is None:
-            continue
-        out[seed] = None if not run.val_metrics else {**(out.get(seed) or {}), **run.val_metrics}
-    return out
-
-
-def _fields(stored: dict[str, Any]) -> dict[str, Any]:
-    """A :class:`RunConfig`'s keyword arguments from its :meth:`RunConfig.to_dict` form."""
-    out = dict(stored)
-    out["method"] = MethodSpec(stored["method"]["name"], dict(stored["method"]["options"]))
-    out["tasks"] = None if stored["tasks"] is None else tuple(stored["tasks"])
-    return out
-
-
-def _criterion(run: RunResult) -> float:
-    if run.best_epoch == 0:
-        return float("inf")
-    return run.history[run.best_epoch - 1]["criterion"]
+    sizes = [problem.sizes(s) for s in ("train", "val", "test")]
+    if not problem.multi_input:
+        return " / ".join(str(len(problem.split(s))) for s in ("train", "val", "test"))
+    return "; ".join(
+        f"{t} " + " / ".join(str(size[t]) for size in sizes) for t in problem.task_names
+    )
 
 
 def cpu_model() -> str:
@@ -352,7 +227,7 @@ def cpu_model() -> str:
 
 
 def setup_fields(
-    config: BenchConfig, data: MultiTaskData, grid_seeds: Sequence[int], seconds: float
+    config: BenchConfig, data: Problem, grid_seeds: Sequence[int], seconds: float
 ) -> dict[str, str]:
     """What produced a benchmark's numbers, as ``{field: text}`` in report order: the protocol,
     the split sizes actually trained and evaluated on, epochs, seeds, the lr grid, selection,
@@ -365,7 +240,7 @@ def setup_fields(
     fields = {
         "protocol": config.protocol,
         "data": data.name,
-        "rows (train / val / test)": f"{len(data.train)} / {len(data.val)} / {len(data.test)}",
+        "rows (train / val / test)": rows_text(data),
         "epochs": str(config.epochs),
         "batch size": str(config.batch_size),
         "seeds": ", ".join(map(str, config.seeds)),
@@ -377,10 +252,11 @@ def setup_fields(
             else "mean validation loss over tasks"
         ),
         "weight decay": f"{config.weight_decay:g}",
-        "architecture": config.arch,
+        "architecture": config.arch if config.problem is None else f"{config.problem}'s model",
         "model options": ", ".join(f"{k}={v}" for k, v in config.model_options.items()),
+        "problem arguments": ", ".join(f"{k}={v}" for k, v in config.problem_args.items()),
         "regression loss": config.regression_loss
-        if any(t.kind == "regression" for t in data.tasks)
+        if config.problem is None and any(t.metric_name == "mae" for t in data.tasks)
         else "",
         "loss scale": ", ".join(f"{k} x{v:g}" for k, v in config.loss_scale.items()),
         "taskbalance": __version__,
@@ -406,11 +282,122 @@ def setup_fields(
     return {key: value for key, value in fields.items() if value}
 
 
+class _Session:
+    """The benchmark's console and log: status lines, the runs bar and ``train.log``."""
+
+    def __init__(self, out: Path, log_file: IO[str] | None, echo: Callable[[str], None],
+                 verbose: bool, total: int, progress: bool) -> None:  # fmt: skip
+        self.out, self.log_file, self.echo, self.verbose = out, log_file, echo, verbose
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="runs", unit="run", dynamic_ncols=True)
+
+    def log(self, line: str) -> None:
+        """One line into train.log (and onto the console when verbose)."""
+        if self.log_file is None:
+            return
+        self.log_file.write(line + "\n")
+        self.log_file.flush()
+        if self.verbose:
+            (self.bar.write if self.bar is not None else self.echo)(line)
+
+    def started(self, checkpoint: Path | None) -> None:
+        """Show which run trains now."""
+        if self.bar is not None and checkpoint is not None:
+            self.bar.set_postfix_str(checkpoint.stem)
+
+    def finished(self, config: RunConfig, result: RunResult) -> None:
+        """Log a finished run and advance the bar."""
+        self.log(f"{run_name(config)}: best epoch {result.best_epoch}, "
+                 f"{result.step_ms:.2f} ms/step, {result.status}")  # fmt: skip
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        """Close the bar."""
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _as_problem(config: BenchConfig, data: Problem | MultiTaskData | None) -> Problem:
+    if isinstance(data, Problem):
+        return data
+    if isinstance(data, MultiTaskData):
+        return builtin_problem(data, config.arch, config.model_options, config.regression_loss)
+    return load_bench_problem(config)
+
+
+def _train_all(
+    config: BenchConfig, problem: Problem, session: _Session, progress: bool
+) -> list[RunResult]:
+    """Both stages (baselines, then methods), each on the grid seeds then the later seeds."""
+    grid_seeds = config.seeds[: config.grid_seeds or len(config.seeds)]
+    later_seeds = config.seeds[len(grid_seeds) :]
+    log_path = session.out / "train.log" if session.log_file is not None else None
+    stage = executor.Stage(
+        problem,
+        {"resume": config.resume, "record_every": config.record_every,
+         "keep_final_state": config.keep_checkpoints},
+        log=session.log, on_start=session.started, on_done=session.finished, progress=progress,
+    )  # fmt: skip
+
+    def execute(configs: Sequence[RunConfig]) -> list[RunResult]:
+        runs = [(c, session.out / "checkpoints" / f"{run_name(c)}.pt") for c in configs]
+        if config.jobs > 1 and len(runs) > 1:
+            if session.bar is not None:
+                session.bar.set_postfix_str(f"{min(config.jobs, len(runs))} runs at a time")
+            threads = torch.get_num_threads()
+            return executor.in_workers(stage, runs, config.jobs, threads, log_path)
+        return executor.serial(stage, runs)
+
+    def grid_then_chosen(make: Callable[..., list[RunConfig]]) -> list[RunResult]:
+        runs = execute(make(grid_seeds, lambda _label: config.lrs))
+        if later_seeds:
+            chosen = choose_lrs(runs)
+            runs += execute(make(later_seeds, lambda label: [chosen[label]]))
+        return runs
+
+    baselines: list[RunResult] = []
+    if config.single_task:
+        baselines = grid_then_chosen(lambda s, lrs: baseline_plan(config, problem, s, lrs))
+    refs = references(select(baselines, grid_seeds)) if config.selection == "delta_m" else {}
+    return baselines + grid_then_chosen(lambda s, lrs: method_plan(config, s, lrs, refs))
+
+
+def _timing(
+    config: BenchConfig, problem: Problem, selected: Sequence[RunResult], echo: Callable
+) -> tuple[dict[str, float], str]:
+    """Interleaved step times of the selected runs' configs (first seed), and the note."""
+    if config.timing_rounds <= 0 or config.timing_steps <= 0:
+        return {}, "step times: medians of each run's own training steps (no interleaved timing)"
+    first = min(config.seeds)
+    timed = [RunConfig(**{**config_from_dict(r.config), "epochs": 0}) for r in selected
+             if r.config["seed"] == first]  # fmt: skip
+    echo(f"timing {len(timed)} configurations, interleaved ...")
+    timing = time_steps(problem, timed, config.timing_rounds, config.timing_steps)
+    return timing, (
+        f"step times: {config.timing_rounds} interleaved rounds of {config.timing_steps} "
+        f"steps per method on one batch of {config.batch_size}, after training (median)"
+    )
+
+
+def python_command(config: BenchConfig) -> str:
+    """How a benchmark started from Python is named in its report's ``Command:`` line.
+
+    >>> python_command(BenchConfig(dataset="rf1", out_dir="out"))
+    "Python: run_benchmark(BenchConfig(dataset='rf1', ...), out_dir='out')"
+    """
+    what = f"problem={config.problem!r}" if config.problem else f"dataset={config.dataset!r}"
+    return f"Python: run_benchmark(BenchConfig({what}, ...), out_dir={config.out_dir!r})"
+
+
 def run_benchmark(
     config: BenchConfig,
     *,
-    data: MultiTaskData | None = None,
-    command: str = "taskbalance bench",
+    data: Problem | MultiTaskData | None = None,
+    command: str | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
     verbose: bool = False,
@@ -418,10 +405,13 @@ def run_benchmark(
 ) -> BenchResult:
     """Run the benchmark ``config`` and write its outputs to ``config.out_dir``.
 
-    ``data`` replaces loading (tests pass a tiny dataset). ``echo`` prints status lines;
-    per-epoch log lines go to ``<out>/train.log`` (and to ``echo`` when ``verbose``).
-    Under several ranks only rank 0 echoes, shows progress and writes; the others return the
-    same rows with no files.
+    ``data`` replaces loading: a :class:`~taskbalance.bench.problem.Problem`, or a built-in
+    :class:`~taskbalance.bench.data.types.MultiTaskData` (tests pass a tiny one). ``command``
+    is the report's ``Command:`` line (default: :func:`python_command`). Sets torch's CPU
+    threads to ``config.threads`` (default 1 on CPU, as the CLI) and deterministic algorithms.
+    ``echo`` prints status lines; per-epoch log lines go to ``<out>/train.log`` (and to
+    ``echo`` when ``verbose``). Under several ranks only rank 0 echoes, shows progress and
+    writes; the others return the same rows with no files.
     """
     began = time.perf_counter()
     world = current_world()
@@ -430,119 +420,42 @@ def run_benchmark(
             f"jobs={config.jobs} under torch.distributed: every rank must train the same run "
             "at the same time; use jobs=1 (the ranks are the parallelism)"
         )
+    make_deterministic(config.device, config.threads)
     if not world.main:
         echo, progress, verbose = (lambda _line: None), False, False
     out = Path(config.out_dir)
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
     if data is None:
-        echo(f"loading {config.dataset} ...")
-        data = load_bench_data(config)
-    echo(f"{data.name}: {len(data.train)} / {len(data.val)} / {len(data.test)} train / val / "
-         f"test, tasks {', '.join(data.task_names)}")  # fmt: skip
+        echo(f"loading {config.problem or config.dataset} ...")
+    problem = _as_problem(config, data)
+    echo(f"{problem.name}: {rows_text(problem)} train / val / test, tasks "
+         f"{', '.join(problem.task_names)}")  # fmt: skip
     if config.resume:
         folder = out / "checkpoints"
         found = len(list(folder.glob("*.pt")))
-        echo(
-            f"resuming from {found} run checkpoint(s) in {folder}"
-            if found
-            else f"--resume: no checkpoints in {folder} yet, every run starts"
-        )
+        echo(f"resuming from {found} run checkpoint(s) in {folder}" if found
+             else f"--resume: no checkpoints in {folder} yet, every run starts")  # fmt: skip
     grid_seeds = config.seeds[: config.grid_seeds or len(config.seeds)]
-    later_seeds = config.seeds[len(grid_seeds) :]
-    n_lrs = len(config.lrs)
-    per_label = n_lrs * len(grid_seeds) + len(later_seeds)
-    n_labels = len(config.methods) + (len(data.task_names) if config.single_task else 0)
+    per_label = len(config.lrs) * len(grid_seeds) + len(config.seeds) - len(grid_seeds)
+    n_labels = len(config.methods) + (len(problem.task_names) if config.single_task else 0)
     log_path = out / "train.log"
-    results: list[RunResult] = []
     if world.main and not config.resume:
         log_path.write_text("", encoding="utf-8")
     # Append mode even for a new log: --jobs workers append to it too, and a writer at its own
     # offset would overwrite their lines.
-    opened = (
-        open(log_path, "a", encoding="utf-8")  # noqa: SIM115
-        if world.main
-        else contextlib.nullcontext(None)
-    )
-    with opened as log_file:
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=n_labels * per_label, desc="runs", unit="run", dynamic_ncols=True)
-
-        def log(line: str) -> None:
-            if log_file is None:
-                return
-            log_file.write(line + "\n")
-            log_file.flush()
-            if verbose:
-                (bar.write if bar is not None else echo)(line)
-
-        def finished(run_config: RunConfig, result: RunResult) -> None:
-            log(f"{run_name(run_config)}: best epoch {result.best_epoch}, "
-                f"{result.step_ms:.2f} ms/step, {result.status}")  # fmt: skip
-            if bar is not None:
-                bar.update(1)
-
-        def execute(configs: Sequence[RunConfig]) -> list[RunResult]:
-            runs = [(c, out / "checkpoints" / f"{run_name(c)}.pt") for c in configs]
-            options = {"resume": config.resume, "record_every": config.record_every,
-                       "keep_final_state": config.keep_checkpoints}  # fmt: skip
-            if config.jobs > 1 and len(runs) > 1:
-                if bar is not None:
-                    bar.set_postfix_str(f"{min(config.jobs, len(runs))} runs at a time")
-                return train_in_workers(
-                    data, runs, jobs=config.jobs, threads=torch.get_num_threads(),
-                    log_path=log_path if log_file is not None else None, on_done=finished,
-                    **options,
-                )  # fmt: skip
-            done = []
-            for run_config, checkpoint in runs:
-                if bar is not None:
-                    bar.set_postfix_str(checkpoint.stem)
-                runner = Runner(data, run_config, checkpoint=checkpoint, progress=progress,
-                                log=log, **options)  # fmt: skip
-                done.append(runner.run())
-                finished(run_config, done[-1])
-            return done
-
-        def grid_then_chosen(
-            make: Callable[[Sequence[int], Callable[[str], Sequence[float]]], list[RunConfig]],
-        ) -> list[RunResult]:
-            # The grid on the grid seeds; the other seeds at each label's chosen rate.
-            runs = execute(make(grid_seeds, lambda _label: config.lrs))
-            if later_seeds:
-                chosen = choose_lrs(runs)
-                runs += execute(make(later_seeds, lambda label: [chosen[label]]))
-            return runs
-
-        try:
-            baselines: list[RunResult] = []
-            if config.single_task:
-                baselines = grid_then_chosen(lambda s, lrs: baseline_plan(config, data, s, lrs))
-            use_delta_m = config.selection == "delta_m"
-            refs = references(select(baselines, grid_seeds)) if use_delta_m else {}
-            results = baselines + grid_then_chosen(lambda s, lrs: method_plan(config, s, lrs, refs))
-        finally:
-            if bar is not None:
-                bar.close()
+    log_file = open(log_path, "a", encoding="utf-8") if world.main else None  # noqa: SIM115
+    session = _Session(out, log_file, echo, verbose, n_labels * per_label, progress)
+    try:
+        results = _train_all(config, problem, session, progress)
+    finally:
+        session.close()
+        if log_file is not None:
+            log_file.close()
     selected = in_table_order(select(results, grid_seeds), config.methods)
-    timing: dict[str, float] = {}
-    timed_note = "step times: medians of each run's own training steps (no interleaved timing)"
-    if config.timing_rounds > 0 and config.timing_steps > 0:
-        first = min(config.seeds)
-        timed = [RunConfig(**{**_fields(r.config), "epochs": 0}) for r in selected
-                 if r.config["seed"] == first]  # fmt: skip
-        echo(f"timing {len(timed)} configurations, interleaved ...")
-        timing = time_steps(data, timed, config.timing_rounds, config.timing_steps)
-        timed_note = (
-            f"step times: {config.timing_rounds} interleaved rounds of {config.timing_steps} "
-            f"steps per method on one batch of {config.batch_size}, after training (median)"
-        )
-    rows = summarize(data, selected, timing=timing)
+    timing, timed_note = _timing(config, problem, selected, echo)
+    rows = summarize(problem, selected, timing=timing)
     seconds = time.perf_counter() - began
-    setup = setup_fields(config, data, grid_seeds, seconds)
     all_notes = [timed_note, *notes]
     if config.record_every > 0:
         all_notes.append(
@@ -552,9 +465,10 @@ def run_benchmark(
         )
     files: dict[str, Path] = {}
     if world.main:
-        files = write_outputs(
-            out, data, rows, results, selected, command=command, notes=all_notes, setup=setup
-        )
+        setup = setup_fields(config, problem, grid_seeds, seconds)
+        files = write_outputs(out, problem, rows, results, selected,
+                              command=command or python_command(config), notes=all_notes,
+                              setup=setup)  # fmt: skip
         files["log"] = log_path
-    table = format_table(data, rows)
-    return BenchResult(data, rows, results, selected, files, seconds, table)
+    table = format_table(problem, rows)
+    return BenchResult(problem, rows, results, selected, files, seconds, table)

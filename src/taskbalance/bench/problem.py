@@ -19,16 +19,16 @@ The API in short (docs/problems.md has a complete example)::
   instead of one ``__getitem__`` per row (the built-in data sets do).
 * **Multi-input problems** (one data set per task, as Office-31): ``train``, ``val`` and
   ``test`` are ``{task: Dataset}`` whose items are ``(inputs, target)``. Every step draws one
-  batch per task; the model needs ``trunk`` and ``heads`` (below) and trains at parameter
-  level: a feature-level method has no single representation to work on, and is refused.
+  batch per task and takes task ``t``'s output of the model on ``t``'s batch. Such problems
+  train at parameter level: each task's representation comes from its own inputs, so there is
+  no single representation for a feature-level method to work on, and one is refused.
 * **Model.** ``model(tasks)`` builds a fresh model for the task names ``tasks`` (all of them,
   or one for a single-task baseline); the harness seeds torch before calling it. The module
   must have a ``trunk`` attribute holding every shared parameter (and only those: the
   ``shared=`` of parameter-level methods), and ``forward(inputs)`` must return
   ``(z, {task: output})`` where ``z`` is the shared representation the outputs were computed
   from (a tensor or a tuple of tensors: the ``features=`` of feature-level methods).
-  :class:`SharedBottom` builds one from a trunk and one head per task; multi-input problems
-  compute ``heads[task](trunk(inputs))`` and so need ``heads`` (a mapping) too.
+  :class:`SharedBottom` builds one from a trunk and one head per task.
 * **Per task** (:class:`Task`): ``loss(output, target)`` returns a scalar tensor (the training
   loss of a batch); ``metric`` scores a whole split, and ``higher_is_better`` says which way is
   better (the table's arrows and Delta m's signs). ``metric`` is either
@@ -381,11 +381,6 @@ def check_model(model: Any, problem: Problem) -> nn.Module:
     if not isinstance(getattr(model, "trunk", None), nn.Module):
         raise _problem_error(problem, "the model needs a 'trunk' module holding the shared "
                                       "parameters")  # fmt: skip
-    if problem.multi_input and not isinstance(
-        getattr(model, "heads", None), Mapping | nn.ModuleDict
-    ):
-        raise _problem_error(problem, "a multi-input problem's model needs 'heads', one module "
-                                      "per task")  # fmt: skip
     return model
 
 

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from taskbalance.bench.data.types import MultiTaskData
-from taskbalance.bench.metrics import HIGHER_IS_BETTER, delta_m
+from taskbalance.bench.metrics import delta_m
+from taskbalance.bench.problem import Problem
 from taskbalance.bench.runner import RunResult
 
 STL = "single-task"
@@ -107,7 +107,7 @@ def stl_metrics(runs: Sequence[RunResult]) -> dict[int, dict[str, float]]:
 
 
 def summarize(
-    data: MultiTaskData,
+    data: Problem,
     runs: Sequence[RunResult],
     ew_label: str = "ew",
     timing: Mapping[str, float] | None = None,
@@ -118,10 +118,12 @@ def summarize(
     :func:`taskbalance.bench.runner.time_steps`) replaces the runs' own step times when given.
     See the module docstring for the statistics and marks.
 
+    >>> from taskbalance.bench.builtin import builtin_problem
     >>> from taskbalance.bench.data.types import MultiTaskData, Split, TaskSpec
     >>> import torch
     >>> s = Split(torch.zeros(1, 1), {"a": torch.zeros(1)})
-    >>> d = MultiTaskData("toy", (TaskSpec("a", "regression", 1, "mae", False),), s, s, s, "", "")
+    >>> d = builtin_problem(
+    ...     MultiTaskData("toy", (TaskSpec("a", "regression", 1, "mae", False),), s, s, s, "", ""))
     >>> def run(label, mae):
     ...     return RunResult({"seed": 0, "lr": 1e-3}, label, ["a"], [], 1, {}, {"a": mae}, {},
     ...                      1.0, "ok", None, 0.0)
@@ -130,7 +132,7 @@ def summarize(
     [('single-task', 0.0), ('ew', -50.0)]
     """
     tasks = data.task_names
-    hib = {t: HIGHER_IS_BETTER[data.task(t).metric] for t in tasks}
+    hib = {t: data.task(t).higher_is_better for t in tasks}
     baselines = stl_metrics(runs)
     groups: dict[str, list[RunResult]] = {}
     for run in runs:
@@ -192,13 +194,15 @@ def _row(
     )
 
 
-def format_table(data: MultiTaskData, rows: Sequence[Row], digits: int = 4) -> str:
+def format_table(data: Problem, rows: Sequence[Row], digits: int = 4) -> str:
     """The table as Markdown: one column per task metric, Delta m %, ms/step, time vs EW.
 
+    >>> from taskbalance.bench.builtin import builtin_problem
     >>> from taskbalance.bench.data.types import MultiTaskData, Split, TaskSpec
     >>> import torch
     >>> s = Split(torch.zeros(1, 1), {"a": torch.zeros(1)})
-    >>> d = MultiTaskData("toy", (TaskSpec("a", "regression", 1, "mae", False),), s, s, s, "", "")
+    >>> d = builtin_problem(
+    ...     MultiTaskData("toy", (TaskSpec("a", "regression", 1, "mae", False),), s, s, s, "", ""))
     >>> row = Row("ew", {"a": Cell(1.0, 0.0, 1)}, Cell(-5.0, 0.0, 1), 2.0, 1.0, 1e-3, [0], "ok")
     >>> print(format_table(d, [row]).splitlines()[2])
     | ew | 1 | -5 | 2.00 | 1.00 | 0.001 | ok |
@@ -206,9 +210,9 @@ def format_table(data: MultiTaskData, rows: Sequence[Row], digits: int = 4) -> s
     header = ["method"]
     for t in data.task_names:
         spec = data.task(t)
-        arrow = "↑" if HIGHER_IS_BETTER[spec.metric] else "↓"
+        arrow = "↑" if spec.higher_is_better else "↓"
         unit = f" [{spec.unit}]" if spec.unit else ""
-        header.append(f"{t} {spec.metric}{unit} {arrow}")
+        header.append(f"{t} {spec.metric_name}{unit} {arrow}")
     header += ["Δm % ↓", "ms/step", "time / EW", "lr", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -322,7 +326,7 @@ def diagnostics_rows(
 
 def write_outputs(
     out_dir: str | os.PathLike[str],
-    data: MultiTaskData,
+    data: Problem,
     rows: Sequence[Row],
     runs: Sequence[RunResult],
     selected: Sequence[RunResult],
@@ -342,8 +346,8 @@ def write_outputs(
     out = Path(out_dir)
     written: dict[str, Path] = {}
     notes = [*notes, *identical_rows_notes(rows)]
-    hib = {t: HIGHER_IS_BETTER[data.task(t).metric] for t in data.task_names}
-    metric_of = {t: data.task(t).metric for t in data.task_names}
+    hib = {t: data.task(t).higher_is_better for t in data.task_names}
+    metric_of = {t: data.task(t).metric_name for t in data.task_names}
     records = results_rows(runs, selected)
     for r in records:
         r["metric"] = metric_of[r["task"]]
@@ -371,7 +375,15 @@ def write_outputs(
             "name": data.name,
             "description": data.description,
             "licence": data.licence,
-            "tasks": [t.__dict__ for t in data.tasks],
+            "tasks": [
+                {
+                    "name": t.name,
+                    "metric": t.metric_name,
+                    "higher_is_better": t.higher_is_better,
+                    "unit": t.unit,
+                }
+                for t in data.tasks
+            ],
         },
         "notes": list(notes),
         "table": [_row_dict(r) for r in rows],
@@ -475,7 +487,7 @@ def robust_limits(values: Sequence[float], quantile: float = 0.05) -> tuple[floa
 
 def write_plots(
     out_dir: str | os.PathLike[str],
-    data: MultiTaskData,
+    data: Problem,
     selected: Sequence[RunResult],
     rows: Sequence[Row] = (),
 ) -> dict[str, Path]:
@@ -527,7 +539,7 @@ def write_plots(
         limits = robust_limits(shown)
         if limits is not None:
             ax.set_ylim(*limits)
-        ax.set_title(f"{task} ({data.task(task).metric}, validation)")
+        ax.set_title(f"{task} ({data.task(task).metric_name}, validation)")
         ax.set_xlabel("epoch")
     for ax in list(axes.flat)[len(tasks) :]:
         ax.axis("off")
@@ -609,13 +621,13 @@ def _delta_m_bars(plt: Any, rows: Sequence[Row], path: Path, name: str) -> Path:
     return saved
 
 
-def _relative_error_map(plt: Any, data: MultiTaskData, rows: Sequence[Row], out: Path) -> Path:
+def _relative_error_map(plt: Any, data: Problem, rows: Sequence[Row], out: Path) -> Path:
     """Methods x tasks heat map of the signed relative difference (%) of each test metric to
     the single-task baseline's (mean over seeds; positive = worse, as in Delta m)."""
     tasks = data.task_names
     stl = next(r for r in rows if r.label == STL)
     methods = [r for r in rows if r.label != STL]
-    sign = {t: -1.0 if HIGHER_IS_BETTER[data.task(t).metric] else 1.0 for t in tasks}
+    sign = {t: -1.0 if data.task(t).higher_is_better else 1.0 for t in tasks}
     values = [
         [
             sign[t] * (r.metrics[t].mean - stl.metrics[t].mean) / stl.metrics[t].mean * 100

@@ -316,6 +316,47 @@ def _build_method(config: RunConfig, tasks: tuple[str, ...]) -> Method:
     return get_method(name, tasks=list(tasks), **options)
 
 
+def _check_level(problem: Problem, method: Method, spec: MethodSpec) -> None:
+    if problem.multi_input and method.level == "feature":
+        raise ValueError(
+            f"{spec.label}: {problem.name} is multi-input (one data set per task), so it "
+            f"trains at parameter level; use {spec.name}:level=parameter"
+        )
+
+
+def check_setup(
+    problem: Problem,
+    methods: Sequence[MethodSpec],
+    loss_scale: Mapping[str, float],
+    seed: int = 0,
+) -> None:
+    """Check, before anything trains, that ``problem`` can run ``methods``: ``loss_scale``
+    names its tasks, its model factory returns a model of the contract (built once, after
+    ``torch.manual_seed(seed)``), and no method asks for a level the problem cannot give
+    (feature level on a multi-input problem). Raises a one-line ``ValueError``.
+
+    >>> from taskbalance.bench.builtin import builtin_problem
+    >>> from taskbalance.bench.data.types import MultiTaskData, Split, TaskSpec
+    >>> s = Split(torch.zeros(4, 3), {"y": torch.zeros(4)})
+    >>> d = MultiTaskData("toy", (TaskSpec("y", "regression", 1, "mae", False),), s, s, s, "", "")
+    >>> check_setup(builtin_problem(d), [MethodSpec("ew")], {"z": 10.0})
+    Traceback (most recent call last):
+    ...
+    ValueError: --loss-scale names unknown task(s) z; tasks of toy: y
+    """
+    check_problem(problem)
+    unknown = sorted(set(loss_scale) - set(problem.task_names))
+    if unknown:
+        raise ValueError(
+            f"--loss-scale names unknown task(s) {', '.join(unknown)}; tasks of {problem.name}: "
+            f"{', '.join(problem.task_names)}"
+        )
+    torch.manual_seed(seed)
+    check_model(problem.model(problem.task_names), problem)
+    for spec in methods:
+        _check_level(problem, _build_method(RunConfig(method=spec), problem.task_names), spec)
+
+
 def _build_optimizer(
     config: RunConfig, model: nn.Module, method: Method, tasks: Sequence[str]
 ) -> torch.optim.Optimizer:
@@ -432,11 +473,7 @@ class Runner:
             device=self.device, dtype=dtype
         )
         self.method = _build_method(config, self.tasks).to(device=self.device, dtype=dtype)
-        if problem.multi_input and self.method.level == "feature":
-            raise ValueError(
-                f"{config.label}: {problem.name} is multi-input (one data set per task), so it "
-                f"trains at parameter level; use {config.method.name}:level=parameter"
-            )
+        _check_level(problem, self.method, config.method)
         self.optimizer = _build_optimizer(config, self.model, self.method, self.tasks)
         self.adatask = config.method.name == "adatask" and len(self.tasks) > 1
         self.forward: nn.Module = self.model

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from taskbalance.distributed import Reducer, reducer
 from taskbalance.engine import (
     JacobianMode,
+    SparseGradientError,
     TaskLosses,
     Workspace,
     check_finite_losses,
@@ -44,6 +45,7 @@ from taskbalance.engine import (
     combine,
     from_matrix,
     gramian,
+    inputs_reached,
     leaf_tensors,
     reaches,
     task_jacobian,
@@ -57,6 +59,7 @@ from taskbalance.engine.gramian_path import (
     jacobian_fits,
     plan_layers,
 )
+from taskbalance.engine.jacobian import sparse_gradient_message
 from taskbalance.engine.requirement import Requirement
 from taskbalance.errors import InvalidLossError, NonFiniteLossError
 
@@ -192,13 +195,21 @@ def _shared_update(
     ranks = prepared.reducer
     feature_level = method.level == "feature"
     outputs = prepared.weighted_tasks()
+    if feature_level and len(inputs) > 1:
+        _check_common_features(prepared.losses, inputs)
     if method.requires is Requirement.GRAMIAN:
         layerwise = _layerwise(method, prepared, outputs, inputs, mode, path, module)
         if layerwise is not None:
             return _gramian_update(method, prepared, inputs, layerwise.gramian, layerwise.combine)
     # The blocks never leave this step, so they may live in the method's reused workspace.
     workspace = _WORKSPACES.setdefault(method, Workspace())
-    blocks = task_jacobian(outputs, inputs, mode, workspace)
+    try:
+        blocks = task_jacobian(outputs, inputs, mode, workspace)
+    except SparseGradientError as error:
+        names = _trainable_names(module)
+        if names is None or error.index < 0:
+            raise
+        raise SparseGradientError(sparse_gradient_message(f"'{names[error.index]}'")) from None
     if ranks is None and all(block is None for block in blocks):
         raise InvalidLossError(
             f"no task loss depends on the {_describe(method)}: pass the tensors the heads read"
@@ -304,8 +315,7 @@ def _layerwise(
     too_big = path == "auto" and not jacobian_fits(len(outputs), params)
     plan = plan_layers(outputs, params, force=path == "layerwise" or too_big)
     if plan.uncovered:
-        names = [n for n, _ in module.named_parameters()] if isinstance(module, nn.Module) else None
-        listed = "; ".join(item.describe(names) for item in plan.uncovered)
+        listed = "; ".join(item.describe(_trainable_names(module)) for item in plan.uncovered)
         if path == "layerwise":
             raise UncoveredLayerError(
                 f"gramian_path='layerwise': {listed}. Use gramian_path='auto' to take such "
@@ -325,6 +335,14 @@ def _layerwise(
         return None
     workspace = _LAYER_WORKSPACES.setdefault(method, Workspace())
     return LayerwiseGramian(outputs, params, plan, mode, workspace)
+
+
+def _trainable_names(module: nn.Module | Iterable[Tensor] | Tensor | None) -> list[str] | None:
+    """The names of a shared module's trainable parameters, in the order the engine holds them
+    (``None`` when the shared part was not given as a module)."""
+    if not isinstance(module, nn.Module):
+        return None
+    return [name for name, param in module.named_parameters() if param.requires_grad]
 
 
 _NO_NORMS = (None, None)
@@ -383,6 +401,23 @@ def _check_reachable(
             )
 
 
+def _check_common_features(losses: TaskLosses, features: tuple[Tensor, ...]) -> None:
+    """Refuse tasks that read disjoint feature tensors (one input batch per task through the
+    same trunk): their gradients w.r.t. z live in different spaces, so their feature-level
+    Gramian would have no cross terms at all, whatever the trunk shares."""
+    reached = [inputs_reached(loss, features) for loss in losses.tensors]
+    for s, first in enumerate(reached):
+        for t in range(s + 1, len(reached)):
+            if first and reached[t] and not first & reached[t]:
+                a, b = losses.names[s], losses.names[t]
+                raise ValueError(
+                    f"features: tasks '{a}' and '{b}' read no feature tensor in common "
+                    f"(items {sorted(first)} and {sorted(reached[t])}), as with one input batch "
+                    "per task; at feature level their gradients live in different spaces. Use "
+                    "level='parameter' with shared=<the trunk>"
+                )
+
+
 def _check_weights(method: Method, weights: Tensor, num_tasks: int) -> None:
     if weights.shape != (num_tasks,) or not np.isfinite(weights.cpu().double().numpy()).all():
         raise RuntimeError(
@@ -413,13 +448,28 @@ def _features(method: Method, features: Tensor | Sequence[Tensor] | None) -> tup
 
 def _shared_params(
     method: Method, shared: nn.Module | Iterable[Tensor] | Tensor | None
-) -> tuple[Tensor, ...]:
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """What the caller listed as shared (a generator read once), and its trainable tensors."""
     if shared is None:
         raise ValueError(
             f"{type(method).__name__}(level='parameter') needs the shared parameters: call "
             "backward(losses, shared=model.trunk) (a module or an iterable of parameters)"
         )
-    return unique_tensors(shared, "shared parameters")
+    if isinstance(shared, nn.Module):
+        listed = tuple(shared.parameters())
+    else:
+        listed = (shared,) if isinstance(shared, Tensor) else tuple(shared)
+    return listed, unique_tensors(listed, "shared parameters")
+
+
+def _per_listed(
+    listed: tuple[Tensor, ...], params: tuple[Tensor, ...], values: Sequence[Tensor | None]
+) -> tuple[Tensor | None, ...]:
+    """One value per tensor the caller listed: ``None`` for the frozen ones left out."""
+    if len(listed) == len(params):
+        return tuple(values)
+    by_tensor = {id(p): v for p, v in zip(params, values, strict=True)}
+    return tuple(by_tensor.get(id(t)) for t in listed)
 
 
 def _backward_substituting(
@@ -451,6 +501,8 @@ def _backward_except(prepared: _Prepared, shared: tuple[Tensor, ...], retain_gra
 
 
 def _accumulate(params: tuple[Tensor, ...], grads: list[Tensor | None]) -> None:
+    """Add each update to ``.grad``, then run the parameter's post-accumulate-grad hooks as
+    autograd's own accumulation would (optimizer-in-backward set-ups step from them)."""
     for param, grad in zip(params, grads, strict=True):
         if grad is None:
             continue
@@ -458,6 +510,8 @@ def _accumulate(params: tuple[Tensor, ...], grads: list[Tensor | None]) -> None:
             param.grad = grad
         else:
             param.grad.add_(grad)
+        for hook in (param._post_accumulate_grad_hooks or {}).values():
+            hook(param)
 
 
 def _info(method: Method, prepared: _Prepared, update: _SharedUpdate | None) -> StepInfo:
@@ -498,8 +552,9 @@ def backward(
     Args:
         method: the balancing method.
         losses: ``{task name: scalar loss}`` or a sequence of scalar losses.
-        shared: the shared parameters (a module or an iterable of tensors); needed at
-            parameter level only.
+        shared: the shared parameters (a module or an iterable of leaf tensors); needed at
+            parameter level only. Frozen ones (``requires_grad=False``) are left out, and
+            gradient hooks on them (``register_hook``) apply to each task's gradient.
         features: the shared representation z that every head reads (a tensor or a tuple of
             tensors); needed at feature level only. It must be the only path from the shared
             parameters to the losses.
@@ -575,7 +630,7 @@ def backward(
         update = _shared_update(method, prepared, _features(method, features), jacobian_mode)
         _backward_substituting(prepared, update.inputs, update.update, retain_graph)
         return _finish(method, prepared, update)
-    params = _shared_params(method, shared)
+    _, params = _shared_params(method, shared)
     update = _shared_update(method, prepared, params, jacobian_mode, gramian_path, shared)
     if prepared.reducer is None:
         _backward_except(prepared, params, retain_graph)
@@ -605,8 +660,8 @@ def gradients(
     returned gradients are, like those :func:`backward` writes, to be averaged over the ranks.
 
     Returns:
-        One gradient per shared parameter (``None`` where no task depends on it), and the
-        :class:`StepInfo`.
+        One gradient per shared parameter (``None`` where no task depends on it, and for a
+        frozen one), and the :class:`StepInfo`.
 
     >>> import torch, taskbalance
     >>> w = torch.ones(2, requires_grad=True)
@@ -614,11 +669,11 @@ def gradients(
     >>> grads[0]
     tensor([4., 4.])
     """
-    params = _shared_params(method, shared)
+    listed, params = _shared_params(method, shared)
     prepared = _prepare(method, losses, reducer(sync, process_group))
     if method.requires is Requirement.LOSSES:
         grads = torch.autograd.grad(prepared.total, params, retain_graph=True, allow_unused=True)
-        return tuple(grads), _info(method, prepared, None)
+        return _per_listed(listed, params, grads), _info(method, prepared, None)
     if method.level == "feature":
         update = _shared_update(method, prepared, _features(method, features), jacobian_mode)
         used = [(z, g) for z, g in zip(update.inputs, update.update, strict=True) if g is not None]
@@ -629,9 +684,9 @@ def gradients(
             retain_graph=True,
             allow_unused=True,
         )
-        return tuple(grads), _info(method, prepared, update)
+        return _per_listed(listed, params, grads), _info(method, prepared, update)
     update = _shared_update(method, prepared, params, jacobian_mode, gramian_path, shared)
-    return tuple(update.update), _info(method, prepared, update)
+    return _per_listed(listed, params, update.update), _info(method, prepared, update)
 
 
 def task_gradients(
@@ -660,7 +715,8 @@ def task_gradients(
 
     Returns:
         One block per shared parameter, ``block[t] = grad of w_t L_t`` of shape
-        ``(T, *param.shape)`` (``None`` where no task depends on the parameter), and the
+        ``(T, *param.shape)`` (``None`` where no task depends on the parameter, and for a
+        frozen one), and the
         :class:`StepInfo` (with the per-task gradient norms and cosines, from the Gramian of
         the blocks: ``O(T^2 n)``, small next to the T backward passes).
 
@@ -676,7 +732,7 @@ def task_gradients(
             f"task_gradients composes with loss-level methods only; {type(method).__name__} "
             "weights gradients itself"
         )
-    params = _shared_params(method, shared)
+    listed, params = _shared_params(method, shared)
     prepared = _prepare(method, losses, reducer(sync, process_group))
     num_tasks = len(prepared.losses.names)
     blocks = task_jacobian(prepared.weighted_tasks(), params, jacobian_mode)
@@ -695,4 +751,5 @@ def task_gradients(
         zeros: list[Tensor | None] = [torch.zeros_like(p) for p in params]
         _backward_substituting(prepared, params, zeros, retain_graph)
     info = _finish(method, prepared, None)
-    return blocks, StepInfo(info.tasks, info.losses, info.loss_weights, None, norms, cosines)
+    record = StepInfo(info.tasks, info.losses, info.loss_weights, None, norms, cosines)
+    return list(_per_listed(listed, params, blocks)), record

@@ -71,10 +71,21 @@ def test_parameters_given_twice_are_an_error():
         unique_tensors([layer.weight, layer.bias, layer.weight], "shared parameters")
 
 
-def test_frozen_parameters_are_an_error():
-    layer = nn.Linear(2, 2).requires_grad_(False)
-    with pytest.raises(ValueError, match="does not require grad"):
+def test_frozen_parameters_are_left_out_and_all_frozen_is_an_error():
+    layer = nn.Linear(2, 2)
+    layer.weight.requires_grad_(False)
+    assert unique_tensors(layer, "shared parameters") == (layer.bias,)
+    layer.requires_grad_(False)
+    with pytest.raises(ValueError, match="all 2 given are frozen"):
         unique_tensors(layer, "shared parameters")
+
+
+def test_views_and_computed_tensors_are_refused_naming_what_made_them():
+    base = nn.Parameter(torch.randn(4, 3))
+    first, second = base.chunk(2)
+    with pytest.raises(ValueError, match=r"item 1 .* is not a leaf tensor but the output of Split"):
+        unique_tensors([base, second], "shared parameters")
+    del first
 
 
 def test_leaf_tensors_and_reachability():

@@ -13,9 +13,10 @@ from taskbalance.engine.gramian_path import (
     UncoveredLayerError,
     plan_layers,
 )
-from taskbalance.engine.graph import leaf_tensors, reaches
+from taskbalance.engine.graph import inputs_reached, leaf_tensors, reaches
 from taskbalance.engine.jacobian import (
     JacobianMode,
+    SparseGradientError,
     Workspace,
     combine,
     from_matrix,
@@ -37,6 +38,7 @@ __all__ = [
     "LayerwiseGramian",
     "Level",
     "Requirement",
+    "SparseGradientError",
     "TaskLosses",
     "UncoveredLayerError",
     "Workspace",
@@ -45,6 +47,7 @@ __all__ = [
     "combine",
     "from_matrix",
     "gramian",
+    "inputs_reached",
     "leaf_tensors",
     "plan_layers",
     "reaches",

@@ -18,8 +18,9 @@ Rules, keyed by the autograd node that reads the parameter:
   above; ``alpha`` and ``beta`` of ``addmm`` are honoured.
 - ``ConvolutionBackward0`` (``nn.Conv2d``, not transposed, one group): the same with the
   unfolded input (im2col), one row per batch element and output position.
-- ``EmbeddingBackward0`` (``nn.Embedding``, dense gradients): task t's gradient is
-  ``dY_t`` scattered onto the looked-up rows, kept compact on the U distinct rows of the batch.
+- ``EmbeddingBackward0`` (``nn.Embedding``): task t's gradient is ``dY_t`` scattered onto the
+  looked-up rows, kept compact on the U distinct rows of the batch; for ``sparse=True`` the
+  combination is a sparse gradient on those rows, as the embedding's own backward gives.
 - per-feature parameters (``LayerNorm``, ``BatchNorm``, ``GroupNorm`` affine): their T rows
   are ``T x D`` numbers, as small as a bias, so they are taken from autograd directly.
 
@@ -33,6 +34,14 @@ so that the caller can warn or refuse.
 
 The combination ``sum_t a_t g_t`` is formed from the same pieces (``(sum_t a_t dY_t)^T X``), so
 the shared parameters need no further backward.
+
+Hooks are honoured exactly. A parameter with a gradient hook (``param.register_hook``) takes the
+autograd route, where autograd applies the hook to each task's gradient. A tensor hook on a
+layer's output (``y.register_hook``, e.g. gradient reversal) runs as a pre-hook of the layer's
+node; autograd's capture of ``GradientEdge(node, 0)`` happens before such hooks whenever the
+node also has to run for a requested input below it, so each layer's ``dY`` is read by a
+pre-hook of its node registered here (which runs after the tensor hooks), and from the capture
+only where the node does not run (autograd then applies the tensor hooks to the capture).
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ from taskbalance.engine.jacobian import (
     Workspace,
     batched_grads,
     batching_pays_off,
+    dense_or_refuse,
     seed_one,
     warn_batching_fallback,
     weighted_rows,
@@ -120,6 +130,9 @@ class _Embedding:
     scale: Tensor | None
     """Per distinct row: 0 for the padding index, ``1 / count`` under scale_grad_by_freq."""
     weight_shape: torch.Size
+    sparse: bool
+    """``nn.Embedding(sparse=True)``: the update is a sparse gradient on the looked-up rows."""
+    padding: int
 
 
 @dataclass(frozen=True)
@@ -207,6 +220,9 @@ def plan_layers(outputs: Sequence[Tensor], params: Sequence[Tensor], force: bool
         readers = consumers.get(accumulator, [])
         if not readers:
             continue  # no task reaches it: its gradient is None, as on the Jacobian path
+        if _hooked(params[i]):
+            direct.append(i)  # autograd applies the hook to each task's gradient
+            continue
         found = _role(readers, consumers)
         if found is not None:
             node, role = found
@@ -225,6 +241,11 @@ def plan_layers(outputs: Sequence[Tensor], params: Sequence[Tensor], force: bool
     for node, roles in layers.items():
         _add_layer(plan, node, roles, params, num_tasks, force)
     return plan
+
+
+def _hooked(param: Tensor) -> bool:
+    """Whether ``param`` has gradient hooks (``register_hook``), which only autograd applies."""
+    return bool(param._backward_hooks)
 
 
 def _consumers(outputs: Sequence[Tensor]) -> dict[Node, list[tuple[Node, int]]]:
@@ -283,9 +304,6 @@ def _add_layer(
     kind = type(node).__name__
     members = sorted(roles.values())
     if kind == "EmbeddingBackward0":
-        if node._saved_sparse:
-            _uncover(plan, members, params, "a sparse nn.Embedding (sparse=True) has no rule")
-            return
         plan.embeddings.append(_embedding(node, roles["table"], params))
         return
     if "weight" not in roles and "weight_t" not in roles:
@@ -369,7 +387,8 @@ def _embedding(node: Node, weight: int, params: Sequence[Tensor]) -> _Embedding:
             else torch.ones(len(unique), dtype=dtype, device=unique.device)
         )
         scale = torch.where(unique == padding, 0.0, scale)
-    return _Embedding(node, weight, unique, inverse, scale, params[weight].shape)
+    shape = params[weight].shape
+    return _Embedding(node, weight, unique, inverse, scale, shape, node._saved_sparse, padding)
 
 
 class LayerwiseGramian:
@@ -407,41 +426,43 @@ class LayerwiseGramian:
 
     def _collect(self, outputs: Sequence[Tensor], mode: JacobianMode, workspace: Workspace) -> None:
         plan = self.plan
-        edges: list[GradientEdge | Tensor] = [GradientEdge(layer.node, 0) for layer in plan.rows]
-        edges += [GradientEdge(layer.node, 0) for layer in plan.embeddings]
+        nodes = [layer.node for layer in (*plan.rows, *plan.embeddings)]
+        edges: list[GradientEdge | Tensor] = [GradientEdge(node, 0) for node in nodes]
         edges += [self.params[i] for i in plan.direct]
         num_rows, num_tables = len(plan.rows), len(plan.embeddings)
         # Each task's gradients are folded into their compact form as soon as they exist, so
         # at most one task's raw output gradients live beside the compact ones.
         compact: list[Tensor | None] = [None] * len(edges)
-        passes = None
-        if mode == "batched" or (mode == "auto" and batching_pays_off(outputs[0].device)):
-            try:
-                passes = [(slice(None), batched_grads(outputs, edges))]
-            except RuntimeError as error:
-                if mode == "batched":
-                    raise
-                warn_batching_fallback(error)
-        if passes is None:
-            one = seed_one(outputs[0])
-            passes = (
-                (slice(t, t + 1), _task_grads(out, edges, one)) for t, out in enumerate(outputs)
-            )
-        for tasks, grads in passes:
-            for j, grad in enumerate(grads):
-                if grad is None:
-                    continue
-                if j < num_rows:
-                    value = plan.rows[j].to_rows(grad)
-                elif j < num_rows + num_tables:
-                    value = self._scatter(plan.embeddings[j - num_rows], grad)
-                else:
-                    value = grad
-                block = compact[j]
-                if block is None:
-                    shape = (self.num_tasks, *value.shape[1:])
-                    block = compact[j] = workspace.buffer(j, shape, value).zero_()
-                block[tasks] = value
+        with _AfterTensorHooks(nodes, len(outputs)) as after_hooks:
+            passes = None
+            if mode == "batched" or (mode == "auto" and batching_pays_off(outputs[0].device)):
+                try:
+                    passes = [(slice(None), after_hooks.read(batched_grads(outputs, edges)))]
+                except RuntimeError as error:
+                    if mode == "batched" and not isinstance(error, _UnbatchingError):
+                        raise
+                    warn_batching_fallback(error)
+            if passes is None:
+                one = seed_one(outputs[0])
+                passes = (
+                    (slice(t, t + 1), after_hooks.read(_task_grads(out, edges, one)))
+                    for t, out in enumerate(outputs)
+                )
+            for tasks, grads in passes:
+                for j, grad in enumerate(grads):
+                    if grad is None:
+                        continue
+                    if j < num_rows:
+                        value = plan.rows[j].to_rows(grad)
+                    elif j < num_rows + num_tables:
+                        value = self._scatter(plan.embeddings[j - num_rows], grad)
+                    else:
+                        value = dense_or_refuse(grad, plan.direct[j - num_rows - num_tables])
+                    block = compact[j]
+                    if block is None:
+                        shape = (self.num_tasks, *value.shape[1:])
+                        block = compact[j] = workspace.buffer(j, shape, value).zero_()
+                    block[tasks] = value
         self._out_grads = compact[:num_rows]
         self._table_grads = compact[num_rows : num_rows + num_tables]
         self._direct = compact[num_rows + num_tables :]
@@ -504,8 +525,12 @@ class LayerwiseGramian:
         for layer, table in zip(self.plan.embeddings, self._table_grads, strict=True):
             if table is None:
                 continue
+            rows = weighted_rows(weights, table)
+            if layer.sparse:
+                update[layer.weight] = _sparse_rows(layer, rows)
+                continue
             full = table.new_zeros(layer.weight_shape)
-            full.index_add_(0, layer.unique, weighted_rows(weights, table))
+            full.index_add_(0, layer.unique, rows)
             update[layer.weight] = full
         for i, block in zip(self.plan.direct, self._direct, strict=True):
             if block is not None:
@@ -513,9 +538,82 @@ class LayerwiseGramian:
         return update
 
 
+def _sparse_rows(layer: _Embedding, rows: Tensor) -> Tensor:
+    """The update of a sparse embedding as its own backward gives it: a sparse gradient on the
+    looked-up rows, the padding row left out (so that SparseAdam touches exactly those rows)."""
+    keep = layer.unique != layer.padding
+    indices, values = layer.unique[keep], rows[keep]
+    # torch.unique sorted the rows and made them distinct: the tensor is coalesced as built.
+    return torch.sparse_coo_tensor(
+        indices[None], values, layer.weight_shape, check_invariants=False, is_coalesced=True
+    )
+
+
 def _upcast(tensor: Tensor) -> Tensor:
     """Half precision is upcast for the Gramian, as on the Jacobian path."""
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+class _UnbatchingError(RuntimeError):
+    """A gradient seen inside the batched backward could not be read out of it."""
+
+
+class _AfterTensorHooks:
+    """The gradients arriving at ``nodes`` after the tensor hooks of their outputs have run.
+
+    A pre-hook on each node records the gradient it is called with (tensor hooks run first);
+    a node that does not run in a pass leaves the gradient captured by autograd, to which
+    autograd then applies the tensor hooks itself. Inside the batched backward the pre-hook
+    sees a (legacy) batched tensor, which is unwrapped to ``(T, *shape)``.
+    """
+
+    def __init__(self, nodes: Sequence[Node], batch: int) -> None:
+        self._nodes = nodes
+        self._batch = batch
+        self._seen: dict[int, Tensor] = {}
+        self._failure: Exception | None = None
+        self._handles: list = []
+
+    def __enter__(self) -> _AfterTensorHooks:
+        self._handles = [
+            node.register_prehook(self._recorder(j)) for j, node in enumerate(self._nodes)
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _recorder(self, j: int) -> Callable[[tuple[Tensor | None, ...]], None]:
+        def record(grad_outputs: tuple[Tensor | None, ...]) -> None:
+            grad = grad_outputs[0]
+            if grad is None:
+                return
+            try:
+                self._seen[j] = _unbatched(grad, self._batch)
+            except Exception as error:  # any failure means: take the loop instead
+                self._failure = error
+
+        return record
+
+    def read(self, grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+        """``grads`` of one pass, with the recorded post-hook gradients in place."""
+        seen, self._seen = self._seen, {}
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise _UnbatchingError(f"a layer's gradient could not be unbatched ({failure})")
+        return [seen.get(j, grad) if j < len(self._nodes) else grad for j, grad in enumerate(grads)]
+
+
+def _unbatched(grad: Tensor, batch: int) -> Tensor:
+    """``grad`` as ``(k, *shape)``: k = 1 in a per-task pass, ``batch`` inside the batched backward
+    (``is_grads_batched`` runs under torch's legacy vmap, whose current level is one below
+    the next one it would open)."""
+    if not torch._C._functorch.is_legacy_batchedtensor(grad):
+        return grad.unsqueeze(0)
+    level = torch._C._vmapmode_increment_nesting() - 1
+    torch._C._vmapmode_decrement_nesting()
+    return torch._remove_batch_dim(grad, level, batch, 0)
 
 
 def _task_grads(

@@ -6,7 +6,7 @@ Autograd has no public "list the leaves of this graph" call; these walks follow
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from torch import Tensor
 from torch.autograd.graph import Node, get_gradient_edge
@@ -57,3 +57,40 @@ def reaches(root: Tensor, targets: Iterable[Tensor]) -> bool:
     """
     wanted = {get_gradient_edge(t).node for t in targets}
     return any(node in wanted for node in _walk([root], stop=wanted))
+
+
+def inputs_reached(root: Tensor, targets: Sequence[Tensor]) -> set[int]:
+    """The positions of the ``targets`` that ``root`` depends on (the walk stops at them).
+
+    Targets are told apart by their gradient edge (node and output slot), so two outputs of
+    one node (``z1, z2 = z.chunk(2)``) are two targets.
+
+    >>> import torch
+    >>> x = torch.ones(4, requires_grad=True)
+    >>> a, b = (x * 2).chunk(2)
+    >>> inputs_reached(a.sum(), [a, b]), inputs_reached((a * b).sum(), [a, b])
+    ({0}, {0, 1})
+    """
+    wanted: dict[tuple[Node, int], int] = {}
+    for i, target in enumerate(targets):
+        edge = get_gradient_edge(target)
+        wanted[(edge.node, edge.output_nr)] = i
+    if root.grad_fn is None:
+        return set()
+    found: set[int] = set()
+    start = (root.grad_fn, root.output_nr)
+    if start in wanted:
+        return {wanted[start]}
+    pending, seen = [root.grad_fn], {root.grad_fn}
+    while pending:
+        node = pending.pop()
+        for child, slot in node.next_functions:
+            if child is None:
+                continue
+            index = wanted.get((child, slot))
+            if index is not None:
+                found.add(index)
+            elif child not in seen:
+                seen.add(child)
+                pending.append(child)
+    return found

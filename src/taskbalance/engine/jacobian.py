@@ -18,6 +18,43 @@ from torch import Tensor
 JacobianMode = Literal["auto", "batched", "loop"]
 Blocks = list[Tensor | None]
 
+
+class SparseGradientError(ValueError):
+    """A shared tensor gets a sparse gradient (``nn.Embedding(sparse=True)``), which a row of the
+    ``T x n`` Jacobian cannot hold. The message says which input and what to use instead.
+
+    Attributes:
+        index: the position of that tensor among the inputs (``-1`` when unknown).
+    """
+
+    def __init__(self, message: str, index: int = -1) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+def sparse_gradient_message(which: str | None) -> str:
+    """Why a sparse gradient is refused, and what to do, for the shared parameter described by
+    ``which`` (a name or a position; ``None`` when autograd did not say which)."""
+    subject = "a shared parameter" if which is None else f"shared parameter {which}"
+    return (
+        f"{subject} gets a sparse gradient (nn.Embedding(sparse=True)), which "
+        "the per-task Jacobian cannot hold. Gramian methods take it exactly with "
+        "gramian_path='auto' or 'layerwise' (a sparse update on the looked-up rows); "
+        "otherwise use nn.Embedding(sparse=False) or level='feature'"
+    )
+
+
+def dense_or_refuse(grad: Tensor, index: int) -> Tensor:
+    """``grad`` itself, or :class:`SparseGradientError` naming input ``index`` if it is sparse.
+
+    >>> dense_or_refuse(torch.ones(2), 0)
+    tensor([1., 1.])
+    """
+    if grad.layout != torch.strided:
+        raise SparseGradientError(sparse_gradient_message(f"#{index}"), index)
+    return grad
+
+
 _warned_fallback = False
 
 
@@ -140,15 +177,20 @@ def batched_grads(outputs: Sequence[Tensor], inputs: Sequence) -> Blocks:
     output reaches it)."""
     num_tasks = len(outputs)
     basis = torch.eye(num_tasks, dtype=outputs[0].dtype, device=outputs[0].device)
-    grads = torch.autograd.grad(
-        [output.reshape(()) for output in outputs],
-        inputs,
-        grad_outputs=list(basis.unbind(dim=1)),
-        retain_graph=True,
-        allow_unused=True,
-        is_grads_batched=True,
-    )
-    return list(grads)
+    try:
+        grads = torch.autograd.grad(
+            [output.reshape(()) for output in outputs],
+            inputs,
+            grad_outputs=list(basis.unbind(dim=1)),
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+    except NotImplementedError as error:  # a sparse gradient has no batching rule
+        if "Sparse" not in str(error):
+            raise
+        raise SparseGradientError(sparse_gradient_message(None)) from None
+    return [None if g is None else dense_or_refuse(g, i) for i, g in enumerate(grads)]
 
 
 def _loop(
@@ -170,6 +212,7 @@ def _loop(
                 if block is not None:
                     block[task].zero_()
                 continue
+            grad = dense_or_refuse(grad, i)
             if block is None:
                 block = grad.new_empty((num_tasks, *grad.shape)) if views is None else views[i]
                 block[:task].zero_()  # the earlier tasks did not reach this input

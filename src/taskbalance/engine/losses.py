@@ -160,18 +160,26 @@ def _check_one(name: str, loss: object) -> None:
 
 
 def unique_tensors(tensors: nn.Module | Iterable[Tensor] | Tensor, what: str) -> tuple[Tensor, ...]:
-    """The tensors of a module or an iterable, checked: no duplicate, all requiring grad.
+    """The trainable tensors of a module or an iterable, checked: leaves, none given twice.
+
+    Frozen tensors (``requires_grad=False``, e.g. a frozen embedding or first block in
+    fine-tuning) are left out, as ``torch.optim`` leaves them alone.
 
     Args:
         tensors: an ``nn.Module`` (its parameters), a tensor, or an iterable of tensors.
         what: how to call them in an error message (e.g. ``"shared parameters"``).
 
     Raises:
-        ValueError: a tensor given twice, none given, or one that does not require grad.
+        ValueError: a tensor given twice, none given, all frozen, or one that is not a leaf
+            (a view such as ``base.chunk(2)``, or a computed tensor: its ``.grad`` would never
+            reach an optimizer).
         TypeError: something that is not a tensor.
 
-    >>> len(unique_tensors(nn.Linear(2, 2), "shared parameters"))
-    2
+    >>> layer = nn.Linear(2, 2)
+    >>> layer.bias.requires_grad_(False)  # doctest: +ELLIPSIS
+    Parameter containing:...
+    >>> [tuple(p.shape) for p in unique_tensors(layer, "shared parameters")]
+    [(2, 2)]
     """
     if isinstance(tensors, nn.Module):
         items = tuple(tensors.parameters())
@@ -182,6 +190,7 @@ def unique_tensors(tensors: nn.Module | Iterable[Tensor] | Tensor, what: str) ->
     if not items:
         raise ValueError(f"no {what} were given")
     seen: set[int] = set()
+    trainable = []
     for i, tensor in enumerate(items):
         if not isinstance(tensor, Tensor):
             raise TypeError(f"{what}: item {i} is a {type(tensor).__name__}, not a tensor")
@@ -192,7 +201,17 @@ def unique_tensors(tensors: nn.Module | Iterable[Tensor] | Tensor, what: str) ->
             )
         seen.add(id(tensor))
         if not tensor.requires_grad:
+            continue
+        if not tensor.is_leaf:
+            made_by = type(tensor.grad_fn).__name__
             raise ValueError(
-                f"{what}: item {i} (shape {tuple(tensor.shape)}) does not require grad"
+                f"{what}: item {i} (shape {tuple(tensor.shape)}) is not a leaf tensor but the "
+                f"output of {made_by} (a view such as base.chunk(2), or a computed tensor), "
+                "whose .grad never reaches an optimizer; pass the parameter it comes from"
             )
-    return items
+        trainable.append(tensor)
+    if not trainable:
+        raise ValueError(
+            f"{what}: all {len(items)} given are frozen (requires_grad=False); nothing to train"
+        )
+    return tuple(trainable)

@@ -285,3 +285,18 @@ def test_the_record_is_not_changed_by_a_method_that_edits_its_gramian_in_place()
     z = torch.tensor([[1.0, 2.0], [3.0, -1.0]], requires_grad=True)
     info = EditsGramian().backward([z[:, 0].sum(), (z * z).sum()], features=z)
     assert torch.allclose(info.cosines.diagonal(), torch.ones(2))
+
+
+def test_the_step_does_not_import_the_methods_package():
+    """methods/base.py offers ``method.backward`` through apply.py; apply.py needs only the
+    :class:`~taskbalance.apply.Balancer` interface, so no import (not even a typing one) goes
+    back from the step to the methods."""
+    import ast
+    import inspect
+
+    import taskbalance.apply
+
+    tree = ast.parse(inspect.getsource(taskbalance.apply))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not {name for name in imported if name and name.startswith("taskbalance.methods")}

@@ -28,7 +28,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 import torch
@@ -60,7 +60,7 @@ from taskbalance.engine.gramian_path import (
     plan_layers,
 )
 from taskbalance.engine.jacobian import sparse_gradient_message
-from taskbalance.engine.requirement import Requirement
+from taskbalance.engine.requirement import Level, Requirement
 from taskbalance.errors import InvalidLossError, NonFiniteLossError
 
 if TYPE_CHECKING:
@@ -68,7 +68,39 @@ if TYPE_CHECKING:
     from torch.amp import GradScaler
 
     from taskbalance.engine.losses import LossesLike
-    from taskbalance.methods.base import Method
+
+
+class Balancer(Protocol):
+    """What a step needs of a balancing method; :class:`taskbalance.Method` is one. Declared
+    here so that the step depends on this interface and not on the methods package (which
+    imports the step to offer ``method.backward``)."""
+
+    requires: Requirement
+    level: Level | None
+    skipped_steps: int
+
+    @property
+    def task_names(self) -> tuple[str, ...] | None:
+        """The bound task names, ``None`` before the first step."""
+
+    @property
+    def unit_loss_weights(self) -> bool:
+        """Whether the loss weights are ones by construction."""
+
+    def bind_tasks(self, names: tuple[str, ...], named: bool) -> None:
+        """Fix the task names at the first step; check them at later ones."""
+
+    def loss_weights(self, losses: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The loss-level weights ``w_t`` and offsets ``c_t``."""
+
+    def shared_weights(self, losses: Tensor, gramian: Tensor) -> Tensor:
+        """The weights ``a`` of the per-task gradients, from their Gramian."""
+
+    def aggregate(self, losses: Tensor, jacobian: Tensor) -> Tensor:
+        """The shared update from the ``T x n`` Jacobian."""
+
+    def parameters(self) -> Iterable[nn.Parameter]:
+        """The method's own trainable parameters."""
 
 
 @dataclass(frozen=True)
@@ -139,7 +171,7 @@ class _Prepared:
 
 
 def _prepare(
-    method: Method, losses: LossesLike, ranks: Reducer | None, scaler: GradScaler | None = None
+    method: Balancer, losses: LossesLike, ranks: Reducer | None, scaler: GradScaler | None = None
 ) -> _Prepared:
     checked = collect_losses(losses, method.task_names, check_finite=ranks is None)
     seen = checked.values.detach()
@@ -168,7 +200,7 @@ def _prepare(
     return _Prepared(checked, seen, loss_weights, total, ranks, scale, unit)
 
 
-_WORKSPACES: weakref.WeakKeyDictionary[Method, Workspace] = weakref.WeakKeyDictionary()
+_WORKSPACES: weakref.WeakKeyDictionary[Balancer, Workspace] = weakref.WeakKeyDictionary()
 """One Jacobian workspace per method, freed with it."""
 
 
@@ -184,7 +216,7 @@ class _SharedUpdate:
 
 
 def _shared_update(
-    method: Method,
+    method: Balancer,
     prepared: _Prepared,
     inputs: tuple[Tensor, ...],
     mode: JacobianMode,
@@ -250,7 +282,7 @@ def _shared_update(
 
 
 def _gramian_update(
-    method: Method,
+    method: Balancer,
     prepared: _Prepared,
     inputs: tuple[Tensor, ...],
     gram: Tensor,
@@ -280,14 +312,14 @@ def _gramian_update(
     return _SharedUpdate(inputs, combination(weights), weights, norms, cosines)
 
 
-_LAYER_WORKSPACES: weakref.WeakKeyDictionary[Method, Workspace] = weakref.WeakKeyDictionary()
+_LAYER_WORKSPACES: weakref.WeakKeyDictionary[Balancer, Workspace] = weakref.WeakKeyDictionary()
 """One workspace per method for the layerwise Gramian's compact per-task gradients."""
 
 _warned_uncovered: set[str] = set()
 
 
 def _layerwise(
-    method: Method,
+    method: Balancer,
     prepared: _Prepared,
     outputs: list[Tensor],
     params: tuple[Tensor, ...],
@@ -371,7 +403,7 @@ def _all_finite(values: Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def _describe(method: Method) -> str:
+def _describe(method: Balancer) -> str:
     return "features z" if method.level == "feature" else "shared parameters"
 
 
@@ -387,7 +419,7 @@ def _cosines(gram: Tensor, norms: Tensor) -> Tensor:
 
 
 def _check_reachable(
-    method: Method, losses: TaskLosses, norms: Tensor, inputs: tuple[Tensor, ...]
+    method: Balancer, losses: TaskLosses, norms: Tensor, inputs: tuple[Tensor, ...]
 ) -> None:
     """A zero gradient is legitimate; a task whose loss never reaches the inputs is a bug."""
     if bool((norms > 0).all()):
@@ -418,7 +450,7 @@ def _check_common_features(losses: TaskLosses, features: tuple[Tensor, ...]) -> 
                 )
 
 
-def _check_weights(method: Method, weights: Tensor, num_tasks: int) -> None:
+def _check_weights(method: Balancer, weights: Tensor, num_tasks: int) -> None:
     if weights.shape != (num_tasks,) or not np.isfinite(weights.cpu().double().numpy()).all():
         raise RuntimeError(
             f"{type(method).__name__} produced invalid weights {weights.tolist()} "
@@ -426,7 +458,7 @@ def _check_weights(method: Method, weights: Tensor, num_tasks: int) -> None:
         )
 
 
-def _features(method: Method, features: Tensor | Sequence[Tensor] | None) -> tuple[Tensor, ...]:
+def _features(method: Balancer, features: Tensor | Sequence[Tensor] | None) -> tuple[Tensor, ...]:
     if features is None:
         raise ValueError(
             f"{type(method).__name__}(level='feature') needs the shared representation: call "
@@ -447,7 +479,7 @@ def _features(method: Method, features: Tensor | Sequence[Tensor] | None) -> tup
 
 
 def _shared_params(
-    method: Method, shared: nn.Module | Iterable[Tensor] | Tensor | None
+    method: Balancer, shared: nn.Module | Iterable[Tensor] | Tensor | None
 ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     """What the caller listed as shared (a generator read once), and its trainable tensors."""
     if shared is None:
@@ -514,7 +546,7 @@ def _accumulate(params: tuple[Tensor, ...], grads: list[Tensor | None]) -> None:
             hook(param)
 
 
-def _info(method: Method, prepared: _Prepared, update: _SharedUpdate | None) -> StepInfo:
+def _info(method: Balancer, prepared: _Prepared, update: _SharedUpdate | None) -> StepInfo:
     return StepInfo(
         tasks=prepared.losses.names,
         losses=prepared.seen,
@@ -526,7 +558,7 @@ def _info(method: Method, prepared: _Prepared, update: _SharedUpdate | None) -> 
     )
 
 
-def _finish(method: Method, prepared: _Prepared, update: _SharedUpdate | None) -> StepInfo:
+def _finish(method: Balancer, prepared: _Prepared, update: _SharedUpdate | None) -> StepInfo:
     """Average the method's own gradients over the ranks, and describe the step."""
     if prepared.reducer is not None:
         prepared.reducer.mean_grads(list(method.parameters()))
@@ -534,7 +566,7 @@ def _finish(method: Method, prepared: _Prepared, update: _SharedUpdate | None) -
 
 
 def backward(
-    method: Method,
+    method: Balancer,
     losses: LossesLike,
     shared: nn.Module | Iterable[Tensor] | None = None,
     features: Tensor | Sequence[Tensor] | None = None,
@@ -643,7 +675,7 @@ def backward(
 
 
 def gradients(
-    method: Method,
+    method: Balancer,
     losses: LossesLike,
     shared: nn.Module | Iterable[Tensor],
     features: Tensor | Sequence[Tensor] | None = None,
@@ -690,7 +722,7 @@ def gradients(
 
 
 def task_gradients(
-    method: Method,
+    method: Balancer,
     losses: LossesLike,
     shared: nn.Module | Iterable[Tensor],
     *,

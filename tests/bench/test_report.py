@@ -184,6 +184,22 @@ def test_diagnostics_go_to_their_own_csv_and_plots_not_to_results_json(tmp_path)
     assert all("records" not in r for r in payload["runs"])
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_get_the_users_umask_not_the_temporary_files_private_mode(tmp_path, umask):
+    import os
+    import stat
+
+    runs = [*stl(0, 0.8, 1.0), run("ew", 0, {"acc": 0.5, "err": 1.0})]
+    previous = os.umask(umask)
+    try:
+        files = write_outputs(tmp_path, data(), summarize(data(), runs), runs, runs, command="x",
+                              plots=False)  # fmt: skip
+    finally:
+        os.umask(previous)
+    modes = {kind: stat.S_IMODE(path.stat().st_mode) for kind, path in files.items()}
+    assert modes and set(modes.values()) == {0o666 & ~umask}
+
+
 def test_no_diagnostics_means_no_diagnostics_files(tmp_path):
     runs = [*stl(0, 0.8, 1.0), run("ew", 0, {"acc": 0.5, "err": 1.0})]
     files = write_outputs(tmp_path, data(), summarize(data(), runs), runs, runs, command="x")

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import statistics
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any
 
 from taskbalance.bench.metrics import delta_m
 from taskbalance.bench.problem import Problem
-from taskbalance.bench.runner import RunResult
+from taskbalance.bench.runner import RunResult, atomic_write
 
 STL = "single-task"
 
@@ -277,10 +276,7 @@ def identical_rows_notes(rows: Sequence[Row]) -> list[str]:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as f:
-        f.write(data)
-    os.replace(f.name, path)
+    atomic_write(path, lambda f: f.write(data))
 
 
 def results_rows(runs: Sequence[RunResult], selected: Sequence[RunResult]) -> list[dict[str, Any]]:

@@ -395,13 +395,33 @@ FINISHED_STATE: tuple[str, ...] = (
 )  # fmt: skip
 
 
-def save_checkpoint(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: a checkpoint is never
-    half-written under its real name."""
+def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """``write(file)`` into a temporary file in ``path``'s folder, then rename it to ``path``: a
+    file is never half-written under its real name. The file gets the mode any new file gets
+    under the user's umask (the temporary file's private 0600 is not kept).
+
+    >>> import stat, tempfile
+    >>> target = Path(tempfile.mkdtemp()) / "a.txt"
+    >>> atomic_write(target, lambda f: f.write(b"hi"))
+    >>> target.read_bytes(), stat.S_IMODE(target.stat().st_mode) == 0o666 & ~_umask()
+    (b'hi', True)
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as f:
-        torch.save(obj, f)
+        write(f)
+    os.chmod(f.name, 0o666 & ~_umask())
     os.replace(f.name, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_checkpoint(obj: Any, path: Path) -> None:
+    """``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 class Runner:

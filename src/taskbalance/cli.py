@@ -590,13 +590,15 @@ def _datasets(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from taskbalance.bench.compare import compare_delta_m, load_rows
+    from taskbalance.bench.compare import compare_delta_m, differences, load_result, table_rows
 
     try:
-        base, other = load_rows(args.base), load_rows(args.other)
+        base, other = load_result(args.base), load_result(args.other)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"taskbalance compare: {error}") from None
-    print(compare_delta_m(base, other, args.names))
+    print(compare_delta_m(table_rows(base), table_rows(other), args.names))
+    for line in differences(base, other, args.names):
+        print(line)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -6,15 +6,15 @@ import json
 
 import pytest
 
-from taskbalance.bench.compare import compare_delta_m, load_rows
+from taskbalance.bench.compare import compare_delta_m, load_result
 from taskbalance.cli import main
 
 
-def write_result(folder, rows):
+def write_result(folder, rows, **setup):
     folder.mkdir(parents=True, exist_ok=True)
     table = [{"method": m, "delta_m": {"mean": mean, "std": std, "n": n}}
              for m, (mean, std, n) in rows.items()]  # fmt: skip
-    (folder / "results.json").write_text(json.dumps({"table": table, "runs": []}))
+    (folder / "results.json").write_text(json.dumps({"table": table, "runs": [], "setup": setup}))
     return folder
 
 
@@ -54,4 +54,28 @@ def test_the_command_reads_folders_and_names_a_missing_result(tmp_path, capsys):
 def test_a_json_that_is_not_a_benchmark_result_is_refused(tmp_path):
     (tmp_path / "x.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"not a taskbalance bench results\.json"):
-        load_rows(tmp_path / "x.json")
+        load_result(tmp_path / "x.json")
+
+
+def test_the_command_names_missing_methods_and_warns_of_unequal_runs(tmp_path, capsys):
+    a = write_result(
+        tmp_path / "a",
+        {"ew": (60.0, 5.0, 3), "imtl": (1.0, 1.0, 3)},
+        data="qm9",
+        epochs="2",
+        **{"rows (train / val / test)": "2000 / 10 / 10"},
+    )
+    b = write_result(
+        tmp_path / "b",
+        {"ew": (100.0, 6.0, 3), "famo": (1.0, 1.0, 3)},
+        data="qm9",
+        epochs="12",
+        **{"rows (train / val / test)": "20000 / 10 / 10"},
+    )
+    assert main(["compare", str(a), str(b), "--names", "small", "large"]) == 0
+    out = capsys.readouterr().out
+    assert "methods only in small (not compared): imtl" in out
+    assert "methods only in large (not compared): famo" in out
+    assert "warning: epochs differ: 2 (small) vs 12 (large)" in out
+    assert "warning: rows (train / val / test) differ: 2000 / 10 / 10 (small)" in out
+    assert "data differ" not in out

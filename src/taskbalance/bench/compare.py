@@ -21,9 +21,8 @@ from typing import Any
 from taskbalance.bench.report import Cell
 
 
-def load_rows(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
-    """The table rows of a benchmark's ``results.json`` (or of the folder holding it), by
-    method label.
+def load_result(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A benchmark's ``results.json`` (or that of the folder holding it), parsed.
 
     Raises ``FileNotFoundError`` naming the path, and ``ValueError`` when the file has no table
     (not a ``taskbalance bench`` result).
@@ -36,7 +35,50 @@ def load_rows(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     data = json.loads(path.read_text())
     if not isinstance(data, dict) or "table" not in data:
         raise ValueError(f"{path} is not a taskbalance bench results.json (no 'table')")
-    return {row["method"]: row for row in data["table"]}
+    return data
+
+
+def table_rows(result: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The table rows of a loaded result (:func:`load_result`), by method label.
+
+    >>> table_rows({"table": [{"method": "ew", "delta_m": {}}]})
+    {'ew': {'method': 'ew', 'delta_m': {}}}
+    """
+    return {row["method"]: row for row in result["table"]}
+
+
+#: The setup fields that must agree for two runs' Delta m to be comparable.
+COMPARABLE = ("data", "protocol", "rows (train / val / test)", "epochs", "batch size")
+
+
+def differences(
+    base: Mapping[str, Any], other: Mapping[str, Any], names: Sequence[str] = ("as is", "other")
+) -> list[str]:
+    """Lines that say what :func:`compare_delta_m` leaves out or puts side by side unequally:
+    the methods in one result only, and every field of :data:`COMPARABLE` whose setup differs
+    (``base`` and ``other`` as :func:`load_result` returns them).
+
+    >>> a = {"setup": {"epochs": "2"}, "table": [{"method": "ew"}, {"method": "imtl"}]}
+    >>> b = {"setup": {"epochs": "12"}, "table": [{"method": "ew"}, {"method": "famo"}]}
+    >>> for line in differences(a, b, ("A", "B")): print(line)
+    methods only in A (not compared): imtl
+    methods only in B (not compared): famo
+    warning: epochs differ: 2 (A) vs 12 (B)
+    """
+    labels = [
+        [r["method"] for r in x["table"] if r["method"] != "single-task"] for x in (base, other)
+    ]
+    lines = []
+    for mine, theirs, name in ((labels[0], labels[1], names[0]), (labels[1], labels[0], names[1])):
+        alone = [label for label in mine if label not in theirs]
+        if alone:
+            lines.append(f"methods only in {name} (not compared): {', '.join(alone)}")
+    setups = [x.get("setup", {}) for x in (base, other)]
+    for key in COMPARABLE:
+        a, b = (setup.get(key, "?") for setup in setups)
+        if a != b:
+            lines.append(f"warning: {key} differ: {a} ({names[0]}) vs {b} ({names[1]})")
+    return lines
 
 
 def _cell(delta: Mapping[str, Any]) -> Cell:
@@ -54,7 +96,7 @@ def compare_delta_m(
     names: Sequence[str] = ("as is", "other"),
 ) -> str:
     """A Markdown table of Delta m % per method in both ``base`` and ``other`` (rows as
-    :func:`load_rows` returns them), in ``base``'s order, without the single-task row.
+    :func:`table_rows` returns them), in ``base``'s order, without the single-task row.
 
     >>> def row(mean, std):
     ...     return {"delta_m": {"mean": mean, "std": std, "n": 3}}

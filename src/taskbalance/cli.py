@@ -146,32 +146,14 @@ def _missing_extra(error: ImportError) -> Callable[[argparse.Namespace], None]:
     return run
 
 
-def _add_bench(commands: argparse._SubParsersAction) -> None:
-    try:
-        from taskbalance.bench.benchmark import SELECTIONS
-        from taskbalance.bench.data import DATASETS
-        from taskbalance.bench.models import ARCHITECTURES
-        from taskbalance.bench.protocols import DEFAULT_DATASET, PROTOCOLS
-    except ImportError as error:  # pandas and friends: the optional [bench] extra
-        stub = commands.add_parser("bench", help="benchmark methods (needs taskbalance[bench])")
-        stub.set_defaults(run=_missing_extra(error))
-        return
-
-    bench = commands.add_parser(
-        "bench",
-        help="benchmark methods on real data: table of per-task metrics, Delta m %%, time/step",
-        description="Train the single-task baselines and each method on a real multi-task "
-        "dataset under one protocol (same epochs, batch, lr grid for all; selection on the "
-        "validation split) and print a paper-style table.",
-        epilog=BENCH_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def _add_problem_options(bench: argparse.ArgumentParser, choices: dict) -> None:
+    """``taskbalance bench``'s options for what trains: the data set or problem, methods, model."""
     bench.add_argument(
         "--dataset",
-        choices=DATASETS,
+        choices=choices["datasets"],
         default=None,
         metavar="NAME",
-        help=f"one of: {', '.join(DATASETS)} (default {DEFAULT_DATASET})",
+        help=f"one of: {', '.join(choices['datasets'])} (default {choices['default_dataset']})",
     )
     bench.add_argument(
         "--problem",
@@ -194,7 +176,7 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     )
     bench.add_argument(
         "--arch",
-        choices=ARCHITECTURES,
+        choices=choices["architectures"],
         default=None,
         help="hps (LeNet trunk for images, MLP shared bottom for tabular data), "
         "mmoe or ple (tabular data only); default hps (paper protocol on census_income: mmoe)",
@@ -217,6 +199,10 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="number of shared experts (mmoe default 4, ple default 2)",
     )
+
+
+def _add_training_options(bench: argparse.ArgumentParser, choices: dict) -> None:
+    """``taskbalance bench``'s options for how each run trains and is selected."""
     bench.add_argument(
         "--epochs",
         type=_positive_int,
@@ -254,7 +240,7 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     )
     bench.add_argument(
         "--select",
-        choices=SELECTIONS,
+        choices=choices["selections"],
         default="delta_m",
         help="the validation criterion that picks each run's epoch and each method's lr: "
         "delta_m (validation Delta m %% against the single-task baselines) or loss (mean "
@@ -298,6 +284,11 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="torch CPU threads (default 1 on CPU: small models, shared cores)",
     )
+
+
+def _add_output_options(bench: argparse.ArgumentParser, choices: dict) -> None:
+    """``taskbalance bench``'s options for files (data cache, outputs), timing, resuming and
+    parallel runs."""
     bench.add_argument(
         "--out",
         default=None,
@@ -334,7 +325,7 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     )
     bench.add_argument(
         "--protocol",
-        choices=PROTOCOLS,
+        choices=choices["protocols"],
         default="quick",
         help="quick (default), full or paper: data size, epochs, seeds, lr grid and methods "
         "(see below; explicit options override)",
@@ -370,6 +361,33 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         help="print the per-epoch log lines (always written to train.log)",
     )
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_bench(commands: argparse._SubParsersAction) -> None:
+    try:
+        from taskbalance.bench.benchmark import SELECTIONS
+        from taskbalance.bench.data import DATASETS
+        from taskbalance.bench.models import ARCHITECTURES
+        from taskbalance.bench.protocols import DEFAULT_DATASET, PROTOCOLS
+    except ImportError as error:  # pandas and friends: the optional [bench] extra
+        stub = commands.add_parser("bench", help="benchmark methods (needs taskbalance[bench])")
+        stub.set_defaults(run=_missing_extra(error))
+        return
+
+    bench = commands.add_parser(
+        "bench",
+        help="benchmark methods on real data: table of per-task metrics, Delta m %%, time/step",
+        description="Train the single-task baselines and each method on a real multi-task "
+        "dataset under one protocol (same epochs, batch, lr grid for all; selection on the "
+        "validation split) and print a paper-style table.",
+        epilog=BENCH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    choices = {"datasets": DATASETS, "architectures": ARCHITECTURES, "selections": SELECTIONS,
+               "protocols": PROTOCOLS, "default_dataset": DEFAULT_DATASET}  # fmt: skip
+    _add_problem_options(bench, choices)
+    _add_training_options(bench, choices)
+    _add_output_options(bench, choices)
     bench.set_defaults(run=_bench)  # fmt: skip
 
 

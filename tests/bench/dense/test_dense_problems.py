@@ -5,8 +5,8 @@ import pickle
 
 import pytest
 import torch
-from support.dense_files import write_scenes
 
+from support.dense_files import write_scenes
 from taskbalance.bench.dense.metrics import DepthMetric, SegmentationMetric
 from taskbalance.bench.dense.problems import cityscapes, dense_tasks, nyuv2
 from taskbalance.bench.dense.scenes import DenseTarget

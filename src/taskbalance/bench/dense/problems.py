@@ -26,10 +26,9 @@ import hashlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from taskbalance.bench.problem import Problem, Task, TensorData
+from taskbalance.bench.problem import Problem, Task
 
 from .digits import load_dense_multi_mnist
 from .metrics import (
@@ -70,6 +69,7 @@ def full_metric(target: DenseTarget) -> SegmentationMetric | DepthMetric | Norma
 class Headline:
     """An accumulator that reports one value (``key``) of a dense metric's ``compute()``.
 
+    >>> import torch
     >>> m = Headline(DepthMetric(), "rel_err")
     >>> m.update(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0])); m.compute()
     0.5
@@ -144,6 +144,8 @@ def dense_problem(
     it whole). The fingerprint is a digest of the name, the targets and the data's
     description (which names the sizes, the resolution and the seed).
 
+    >>> import torch
+    >>> from taskbalance.bench.problem import TensorData
     >>> x = torch.zeros(4, 1, 8, 8)
     >>> split = TensorData(x, {"depth": torch.ones(4, 1, 8, 8)})
     >>> data = DenseData("toy", (DenseTarget("depth", "depth", 1),), split, split, split, "", "")

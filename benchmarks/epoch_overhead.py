@@ -87,7 +87,8 @@ class HandLoop:
         order = torch.randperm(n, generator=self.shuffle)
         for start in range(0, n, self.batch):
             idx = order[start : start + self.batch]
-            out = self.model(self.x[idx], None if self.x_cat is None else self.x_cat[idx])
+            inputs = self.x[idx] if self.x_cat is None else (self.x[idx], self.x_cat[idx])
+            _, out = self.model(inputs)
             loss = sum(self.loss(out[t], self.y[t][idx], self.kinds[t]) for t in self.tasks)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -62,6 +62,14 @@ from taskbalance.engine.gramian_path import (
 from taskbalance.engine.jacobian import sparse_gradient_message
 from taskbalance.engine.requirement import Level, Requirement
 from taskbalance.errors import InvalidLossError, NonFiniteLossError
+from taskbalance.fsdp import (
+    FSDP1_REFUSED,
+    ShardedJacobian,
+    is_fsdp1,
+    is_sharded,
+    refuse_fsdp1,
+    units_held,
+)
 
 if TYPE_CHECKING:
     import torch.distributed as dist
@@ -659,10 +667,14 @@ def backward(
         prepared.total.backward(retain_graph=retain_graph)
         return _finish(method, prepared, None)
     if method.level == "feature":
-        update = _shared_update(method, prepared, _features(method, features), jacobian_mode)
+        with units_held():  # under FSDP2, one all-gather per unit serves every pass
+            update = _feature_update(method, prepared, _features(method, features), jacobian_mode)
         _backward_substituting(prepared, update.inputs, update.update, retain_graph)
         return _finish(method, prepared, update)
     _, params = _shared_params(method, shared)
+    refuse_fsdp1(params)
+    if is_sharded(params):
+        return _sharded_step(method, prepared, params, retain_graph)
     update = _shared_update(method, prepared, params, jacobian_mode, gramian_path, shared)
     if prepared.reducer is None:
         _backward_except(prepared, params, retain_graph)
@@ -671,6 +683,42 @@ def backward(
         # Every rank holds the same global update; writing it through an ordinary backward
         # lets DDP's reducer run (averaging identical values) instead of waiting forever.
         _backward_substituting(prepared, params, update.update, retain_graph)
+    return _finish(method, prepared, update)
+
+
+def _feature_update(
+    method: Balancer, prepared: _Prepared, features: tuple[Tensor, ...], mode: JacobianMode
+) -> _SharedUpdate:
+    """The feature-level update; a per-task pass that fails because FSDP1 freed its flat
+    parameters after the previous pass is named in one line."""
+    try:
+        return _shared_update(method, prepared, features, mode)
+    except RuntimeError as error:
+        if prepared.reducer is not None and any(
+            is_fsdp1(leaf) for leaf in leaf_tensors(prepared.losses.tensors)
+        ):
+            raise ValueError(FSDP1_REFUSED) from error
+        raise
+
+
+def _sharded_step(
+    method: Balancer, prepared: _Prepared, params: tuple[Tensor, ...], retain_graph: bool
+) -> StepInfo:
+    """Parameter level under FSDP2: the Gramian from each rank's shard of the global per-task
+    gradients, and each rank's shard of the combination written into the sharded ``.grad``
+    (:mod:`taskbalance.fsdp`)."""
+    if method.requires is not Requirement.GRAMIAN:
+        raise ValueError(
+            f"{type(method).__name__} needs the whole T x n Jacobian, which FSDP shards over "
+            "the ranks; use level='feature', or a Gramian method (IMTL-G, MGDA, UPGrad, ...)"
+        )
+    with units_held():
+        jacobian = ShardedJacobian(prepared.weighted_tasks(), params)
+        update = _gramian_update(
+            method, prepared, jacobian.leaves, jacobian.gramian, jacobian.combine
+        )
+    jacobian.accumulate(update.update)
+    _backward_except(prepared, jacobian.leaves, retain_graph)
     return _finish(method, prepared, update)
 
 

@@ -4,7 +4,7 @@ the representation every head reads), the published sizes, and one-line errors."
 import pytest
 import torch
 
-from taskbalance.bench.dense.models import build_dense_model
+from taskbalance.bench.dense.models import build_dense_model, unpool
 
 SMALL = {
     "segnet": {"widths": (4, 8), "convs": (1, 2)},
@@ -86,3 +86,19 @@ def test_bad_architecture_or_option_is_one_line(arch, options, message):
 def test_a_batch_of_one_trains():  # the ASPP image-pooling branch has no BatchNorm
     model = build_dense_model("deeplab", {"depth": 1}, options=SMALL["deeplab"]).train()
     model(torch.randn(1, 3, 16, 16))[1]["depth"].sum().backward()
+
+
+@pytest.mark.filterwarnings("ignore:max_unpooling2d_forward_out does not have a deterministic")
+@pytest.mark.parametrize("seed", range(3))
+def test_unpool_is_max_unpool_and_so_is_its_gradient(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, 6, 8, generator=g)
+    pooled, where = torch.nn.functional.max_pool2d(x, 2, 2, return_indices=True)
+    a = pooled.clone().requires_grad_()
+    b = pooled.clone().requires_grad_()
+    ours, reference = unpool(a, where), torch.nn.functional.max_unpool2d(b, where, 2, 2)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+    weights = torch.randn(ours.shape, generator=g)
+    (ours * weights).sum().backward()
+    (reference * weights).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)

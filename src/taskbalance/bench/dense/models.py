@@ -108,8 +108,27 @@ class SegNet(nn.Module):
             x, where = F.max_pool2d(stage(x), 2, 2, return_indices=True)
             indices.append(where)
         for stage, where in zip(reversed(self.decoder), reversed(indices), strict=True):
-            x = stage(F.max_unpool2d(x, where, 2, 2))
+            x = stage(unpool(x, where))
         return x
+
+
+def unpool(x: Tensor, indices: Tensor) -> Tensor:
+    """The inverse of a 2x2, stride-2 max-pool with ``indices``: each value back at the
+    position of its window's maximum, zeros elsewhere. What ``F.max_unpool2d`` computes, written
+    with nearest upsampling and a mask, so that it is deterministic on every device (torch
+    flags ``max_unpool2d`` as nondeterministic).
+
+    >>> x = torch.tensor([[[[1.0, 5.0], [2.0, 0.0]]]])
+    >>> pooled, where = F.max_pool2d(x, 2, 2, return_indices=True)
+    >>> unpool(pooled, where)
+    tensor([[[[0., 5.],
+              [0., 0.]]]])
+    """
+    h, w = x.shape[-2:]
+    up = x.repeat_interleave(2, -2).repeat_interleave(2, -1)
+    where = indices.repeat_interleave(2, -2).repeat_interleave(2, -1)
+    positions = torch.arange(4 * h * w, device=x.device).view(2 * h, 2 * w)
+    return up * (where == positions)
 
 
 class _Bottleneck(nn.Module):

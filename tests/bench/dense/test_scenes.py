@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from support.dense_files import write_scenes
-from taskbalance.bench.dense.scenes import load_cityscapes, load_nyuv2
+from taskbalance.bench.dense.scenes import LayoutError, load_cityscapes, load_nyuv2
 
 
 def test_nyuv2_reads_every_file_channels_first_with_void_and_missing_kept(tmp_path):
@@ -57,7 +57,7 @@ def test_cityscapes_nineteen_classes_come_from_label_19(tmp_path):
     layout = {"image": 3, "label_19": None, "depth": 1}
     root = write_scenes(tmp_path, "cityscapes", (5, 2), (4, 8), classes=19, folders=layout)
     assert load_cityscapes(root, classes=19).targets[0].channels == 19
-    with pytest.raises(FileNotFoundError, match="no label_7 or label folder"):
+    with pytest.raises(LayoutError, match="no label_7 or label folder"):
         load_cityscapes(root)
 
 
@@ -68,10 +68,10 @@ def one_line(error):
 
 
 def test_a_missing_or_empty_root_is_a_one_line_error(tmp_path):
-    with pytest.raises(FileNotFoundError) as error:
+    with pytest.raises(LayoutError) as error:
         load_nyuv2(tmp_path / "absent")
     assert "is not a folder" in one_line(error)
-    with pytest.raises(FileNotFoundError) as error:
+    with pytest.raises(LayoutError) as error:
         load_nyuv2(tmp_path)
     assert "has no .npy files" in one_line(error) and "docs/dense.md" in one_line(error)
 
@@ -79,11 +79,11 @@ def test_a_missing_or_empty_root_is_a_one_line_error(tmp_path):
 def test_a_missing_target_folder_or_file_is_a_one_line_error(tmp_path):
     root = write_scenes(tmp_path, "nyuv2", sizes=(4, 2))
     (root / "val" / "depth" / "1.npy").unlink()
-    with pytest.raises(FileNotFoundError) as error:
+    with pytest.raises(LayoutError) as error:
         load_nyuv2(root)
     assert "val/depth (task 'depth') does not hold one file per image" in one_line(error)
     shutil.rmtree(root / "val" / "depth")
-    with pytest.raises(FileNotFoundError) as error:
+    with pytest.raises(LayoutError) as error:
         load_nyuv2(root)
     assert "has no depth folder for task 'depth'" in one_line(error)
 
@@ -91,21 +91,21 @@ def test_a_missing_target_folder_or_file_is_a_one_line_error(tmp_path):
 def test_an_extra_file_or_a_gap_in_the_numbering_is_an_error(tmp_path):
     root = write_scenes(tmp_path, "nyuv2", sizes=(4, 2))
     np.save(root / "train" / "normal" / "4.npy", np.zeros((8, 16, 3)))
-    with pytest.raises(FileNotFoundError, match="does not hold one file per image"):
+    with pytest.raises(LayoutError, match="does not hold one file per image"):
         load_nyuv2(root)
     (root / "train" / "image" / "1.npy").rename(root / "train" / "image" / "7.npy")
-    with pytest.raises(FileNotFoundError, match=r"train/image are not numbered 0 \.\. 3"):
+    with pytest.raises(LayoutError, match=r"train/image are not numbered 0 \.\. 3"):
         load_nyuv2(root)
 
 
 def test_a_wrong_shape_or_label_is_a_one_line_error(tmp_path):
     root = write_scenes(tmp_path, "nyuv2", sizes=(4, 2))
     np.save(root / "train" / "normal" / "2.npy", np.zeros((8, 16, 2)))
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(LayoutError) as error:
         load_nyuv2(root)
     assert "2.npy has shape (8, 16, 2); expected (8, 16, 3)" in one_line(error)
     np.save(root / "train" / "normal" / "2.npy", np.zeros((8, 16, 3)))
     np.save(root / "val" / "label" / "0.npy", np.full((8, 16), 13.0))
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(LayoutError) as error:
         load_nyuv2(root)
     assert "has label 13 for 13 classes" in one_line(error)

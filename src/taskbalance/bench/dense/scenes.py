@@ -50,6 +50,11 @@ Kind = Literal["segmentation", "depth", "normal"]
 PathLike = str | os.PathLike[str]
 
 
+class LayoutError(ValueError):
+    """``root`` does not hold the preprocessed layout (a missing folder or file, a gap in the
+    numbering, a wrong shape or label); the message is one line naming the file or folder."""
+
+
 @dataclass(frozen=True)
 class DenseTarget:
     """One dense task: its name, what it predicts, and the model's output channels for it
@@ -137,13 +142,13 @@ def _indices(folder: Path, layout: _Layout) -> list[int]:
     """The sample numbers in ``folder`` (files ``<i>.npy``), which must be 0 .. n-1."""
     names = sorted(p.stem for p in folder.glob("*.npy")) if folder.is_dir() else []
     if not names:
-        raise FileNotFoundError(
+        raise LayoutError(
             f"{layout.name}: {folder} has no .npy files; expected the preprocessed MTAN/LibMTL "
             f"copy ({'/'.join(('image', *(f[0] for f in layout.folders.values())))} under "
             "train/ and val/, files 0.npy, 1.npy, ...; see docs/dense.md)"
         )
     if not all(n.isdigit() for n in names) or sorted(map(int, names)) != list(range(len(names))):
-        raise FileNotFoundError(f"{layout.name}: the files in {folder} are not numbered 0 .. "
+        raise LayoutError(f"{layout.name}: the files in {folder} are not numbered 0 .. "
                                 f"{len(names) - 1} (found e.g. {names[:3]})")  # fmt: skip
     return list(range(len(names)))
 
@@ -152,7 +157,7 @@ def _task_folder(split: Path, task: str, layout: _Layout) -> Path:
     for name in layout.folders[task]:
         if (split / name).is_dir():
             return split / name
-    raise FileNotFoundError(
+    raise LayoutError(
         f"{layout.name}: {split} has no {' or '.join(layout.folders[task])} folder for task "
         f"{task!r} (see docs/dense.md for the expected layout)"
     )
@@ -166,7 +171,7 @@ def _read(path: Path, size: tuple[int, ...], channels: int | None) -> np.ndarray
         array = array[..., None]
     expected = size if channels is None else (*size, channels)
     if array.shape != expected:
-        raise ValueError(f"{path} has shape {array.shape}; expected {expected}")
+        raise LayoutError(f"{path} has shape {array.shape}; expected {expected}")
     return array if channels is None else np.moveaxis(array, -1, 0)
 
 
@@ -175,7 +180,7 @@ def _read_split(split: Path, layout: _Layout) -> TensorData:
     folders = {t.name: _task_folder(split, t.name, layout) for t in layout.targets}
     for task, folder in folders.items():
         if _indices(folder, layout) != index:
-            raise FileNotFoundError(f"{layout.name}: {folder} (task {task!r}) does not hold one "
+            raise LayoutError(f"{layout.name}: {folder} (task {task!r}) does not hold one "
                                     f"file per image of {split / 'image'}")  # fmt: skip
     size = tuple(np.load(split / "image" / "0.npy").shape[:2])
     images = torch.from_numpy(
@@ -189,7 +194,7 @@ def _read_split(split: Path, layout: _Layout) -> TensorData:
             labels = np.rint(stack).astype(np.int64)
             labels[labels < 0] = -1
             if labels.max() >= t.channels:
-                raise ValueError(f"{layout.name}: {folders[t.name]} has label {labels.max()} for "
+                raise LayoutError(f"{layout.name}: {folders[t.name]} has label {labels.max()} for "
                                  f"{t.channels} classes")  # fmt: skip
             targets[t.name] = torch.from_numpy(labels)
         else:
@@ -200,8 +205,8 @@ def _read_split(split: Path, layout: _Layout) -> TensorData:
 def _load(layout: _Layout, root: PathLike, val_size: int | None, seed: int) -> DenseData:
     base = Path(root).expanduser()
     if not base.is_dir():
-        raise FileNotFoundError(f"{layout.name}: root {base} is not a folder (point --root at the "
-                                "preprocessed copy; see docs/dense.md)")  # fmt: skip
+        raise LayoutError(f"{layout.name}: root {base} is not a folder (give root= the "
+                                "folder of the preprocessed copy; see docs/dense.md)")  # fmt: skip
     train_all = _read_split(base / "train", layout)
     test = _read_split(base / "val", layout)
     n = len(train_all)
@@ -231,13 +236,13 @@ def load_nyuv2(root: PathLike, *, val_size: int | None = None, seed: int = 0) ->
     """NYUv2 (13-class segmentation, depth, normals) from the preprocessed copy at ``root``.
 
     ``val_size`` training images (default a tenth) held out by ``seed`` form the validation
-    split; ``root/val`` is the test split. Raises ``FileNotFoundError`` (one line, naming the
-    folder) when ``root`` does not hold the layout of the module docstring.
+    split; ``root/val`` is the test split. Raises :class:`LayoutError` (one line, naming the
+    folder or file) when ``root`` does not hold the layout of the module docstring.
 
     >>> load_nyuv2("/nowhere")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    FileNotFoundError: nyuv2: root /nowhere is not a folder (point --root at the ...)
+    taskbalance.bench.dense.scenes.LayoutError: nyuv2: root /nowhere is not a folder ...
     """
     return _load(_nyuv2(), root, val_size, seed)
 

@@ -512,11 +512,19 @@ def parse_arguments(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+#: Problems shipped with taskbalance, by short name (``--problem nyuv2 root=DIR``).
+NAMED_PROBLEMS: dict[str, str] = {
+    name: f"taskbalance.bench.dense.problems:{name}"
+    for name in ("nyuv2", "cityscapes", "dense_multi_mnist")
+}
+
+
 def load_problem(entry: str, arguments: Mapping[str, Any] | None = None) -> Problem:
-    """Import ``module:factory``, call ``factory(**arguments)`` and return the checked
-    :class:`Problem` it makes. Every failure is a one-line ``ValueError`` naming the entry point
-    and what is wrong (a malformed entry point, a module that does not import, no such
-    factory, arguments it refuses, a result that is not a well-formed Problem).
+    """Import ``module:factory`` (or a name of :data:`NAMED_PROBLEMS`), call
+    ``factory(**arguments)`` and return the checked :class:`Problem` it makes. Every failure is
+    a one-line ``ValueError`` naming the entry point and what is wrong (a malformed entry point,
+    a module that does not import, no such factory, arguments it refuses, a result that is not
+    a well-formed Problem).
 
     >>> load_problem("taskbalance.bench.problem:nothing")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -525,10 +533,11 @@ def load_problem(entry: str, arguments: Mapping[str, Any] | None = None) -> Prob
     """
     import importlib
 
-    module_name, colon, attribute = entry.partition(":")
     where = f"--problem {entry}"
+    module_name, colon, attribute = NAMED_PROBLEMS.get(entry, entry).partition(":")
     if not colon or not module_name or not attribute:
-        raise ValueError(f"{where}: expected module:factory (e.g. mypackage.data:make_problem)")
+        raise ValueError(f"{where}: expected module:factory (e.g. mypackage.data:make_problem) "
+                         f"or one of {', '.join(NAMED_PROBLEMS)}")  # fmt: skip
     try:
         module = importlib.import_module(module_name)
     except Exception as error:  # the user's module: any import-time error is theirs to see

@@ -20,27 +20,6 @@ from taskbalance.bench.dense.digits import (
 CANVAS = 32
 
 
-def write_idx(path, array):
-    header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, ">i4").tobytes()
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
-@pytest.fixture(scope="module")
-def mnist_root(tmp_path_factory):
-    """Tiny MNIST stand-in: training images of classes 0-4, test images of classes 5-9, each a
-    filled square of random side (ink 255) on black."""
-    root = tmp_path_factory.mktemp("mnist")
-    rng = np.random.default_rng(0)
-    for prefix, n, classes in (("train", 60, range(5)), ("t10k", 20, range(5, 10))):
-        images = np.zeros((n, 28, 28))
-        for image in images:
-            half = rng.integers(4, 11)
-            image[14 - half : 14 + half, 14 - half : 14 + half] = 255
-        write_idx(root / f"{prefix}-images-idx3-ubyte", images)
-        write_idx(root / f"{prefix}-labels-idx1-ubyte", rng.choice(list(classes), size=n))
-    return root
-
-
 def test_the_same_seed_gives_the_same_scenes_and_another_seed_others(mnist_root):
     a = load_dense_multi_mnist(30, 10, seed=1, root=mnist_root)
     b = load_dense_multi_mnist(30, 10, seed=1, root=mnist_root)

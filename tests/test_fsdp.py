@@ -51,6 +51,16 @@ def test_fsdp2_matches_one_process_on_the_joined_batch(results, index, config):
         torch.testing.assert_close(sharded, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_adatask_updates_each_ranks_shards_as_one_process_updates_the_whole(results):
+    single = fsdp_ranks.train_adatask(rank=0, world_size=1)
+    for sharded, expected in zip(results["adatask"], single, strict=True):
+        torch.testing.assert_close(sharded, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_functional_form_returns_the_sharded_update_backward_writes(results):
+    assert results["functional"] <= 1e-15
+
+
 def _per_step(results, index, kind):
     counts = [calls.get(kind, 0) for calls, _ in results[index]["counts"]]
     assert len(set(counts)) == 1, f"{CONFIGS[index]}: {kind} differs between steps: {counts}"

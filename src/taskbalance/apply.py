@@ -686,6 +686,23 @@ def backward(
     return _finish(method, prepared, update)
 
 
+def _sharded_update(
+    method: Balancer, prepared: _Prepared, params: tuple[Tensor, ...]
+) -> tuple[ShardedJacobian, _SharedUpdate]:
+    """The per-task gradients' shards under FSDP2 and the method's combination of them."""
+    if method.requires is not Requirement.GRAMIAN:
+        raise ValueError(
+            f"{type(method).__name__} needs the whole T x n Jacobian, which FSDP shards over "
+            "the ranks; use level='feature', or a Gramian method (IMTL-G, MGDA, UPGrad, ...)"
+        )
+    with units_held():
+        jacobian = ShardedJacobian(prepared.weighted_tasks(), params)
+        update = _gramian_update(
+            method, prepared, jacobian.leaves, jacobian.gramian, jacobian.combine
+        )
+    return jacobian, update
+
+
 def _feature_update(
     method: Balancer, prepared: _Prepared, features: tuple[Tensor, ...], mode: JacobianMode
 ) -> _SharedUpdate:
@@ -707,16 +724,7 @@ def _sharded_step(
     """Parameter level under FSDP2: the Gramian from each rank's shard of the global per-task
     gradients, and each rank's shard of the combination written into the sharded ``.grad``
     (:mod:`taskbalance.fsdp`)."""
-    if method.requires is not Requirement.GRAMIAN:
-        raise ValueError(
-            f"{type(method).__name__} needs the whole T x n Jacobian, which FSDP shards over "
-            "the ranks; use level='feature', or a Gramian method (IMTL-G, MGDA, UPGrad, ...)"
-        )
-    with units_held():
-        jacobian = ShardedJacobian(prepared.weighted_tasks(), params)
-        update = _gramian_update(
-            method, prepared, jacobian.leaves, jacobian.gramian, jacobian.combine
-        )
+    jacobian, update = _sharded_update(method, prepared, params)
     jacobian.accumulate(update.update)
     _backward_except(prepared, jacobian.leaves, retain_graph)
     return _finish(method, prepared, update)
@@ -764,6 +772,10 @@ def gradients(
             retain_graph=True,
             allow_unused=True,
         )
+        return _per_listed(listed, params, grads), _info(method, prepared, update)
+    if is_sharded(params):
+        jacobian, update = _sharded_update(method, prepared, params)
+        grads = jacobian.as_dtensors(update.update)
         return _per_listed(listed, params, grads), _info(method, prepared, update)
     update = _shared_update(method, prepared, params, jacobian_mode, gramian_path, shared)
     return _per_listed(listed, params, update.update), _info(method, prepared, update)
@@ -815,6 +827,8 @@ def task_gradients(
     listed, params = _shared_params(method, shared)
     prepared = _prepare(method, losses, reducer(sync, process_group))
     num_tasks = len(prepared.losses.names)
+    if is_sharded(params):
+        return _sharded_task_gradients(method, prepared, listed, params, retain_graph)
     blocks = task_jacobian(prepared.weighted_tasks(), params, jacobian_mode)
     if prepared.reducer is not None:
         matrix = prepared.reducer.mean(to_matrix(blocks, params, num_tasks))
@@ -833,3 +847,23 @@ def task_gradients(
     info = _finish(method, prepared, None)
     record = StepInfo(info.tasks, info.losses, info.loss_weights, None, norms, cosines)
     return list(_per_listed(listed, params, blocks)), record
+
+
+def _sharded_task_gradients(
+    method: Balancer,
+    prepared: _Prepared,
+    listed: tuple[Tensor, ...],
+    params: tuple[Tensor, ...],
+    retain_graph: bool,
+) -> tuple[list[Tensor | None], StepInfo]:
+    """:func:`task_gradients` under FSDP2: this rank's shard of each task's global gradient,
+    ``(T, *local shard shape)``, for an optimizer that updates the local shards."""
+    with units_held():
+        jacobian = ShardedJacobian(prepared.weighted_tasks(), params)
+    norms = _norms(jacobian.gramian)
+    _check_reachable(method, prepared.losses, norms, jacobian.leaves)
+    _backward_except(prepared, jacobian.leaves, retain_graph)
+    info = _finish(method, prepared, None)
+    cosines = _cosines(jacobian.gramian, norms)
+    record = StepInfo(info.tasks, info.losses, info.loss_weights, None, norms, cosines)
+    return list(_per_listed(listed, params, jacobian.blocks)), record

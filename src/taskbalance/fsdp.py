@@ -235,12 +235,18 @@ class ShardedJacobian:
         """``sum_t weights[t] g_t``, this rank's shard of it, per shared parameter."""
         return [None if b is None else weighted_rows(weights, b) for b in self.blocks]
 
+    def as_dtensors(self, update: Sequence[Tensor | None]) -> list[Tensor | None]:
+        """Each local shard as a sharded DTensor laid out like its parameter."""
+        return [
+            None if local is None else fp.to_sharded_dtensor(local.to(param.dtype).contiguous())
+            for fp, param, local in zip(self._fsdp, self.params, update, strict=True)
+        ]
+
     def accumulate(self, update: Sequence[Tensor | None]) -> None:
         """Add each local shard to the sharded ``.grad``, as FSDP's own reduce-scatter does."""
-        for fp, param, local in zip(self._fsdp, self.params, update, strict=True):
-            if local is None:
+        for param, grad in zip(self.params, self.as_dtensors(update), strict=True):
+            if grad is None:
                 continue
-            grad = fp.to_sharded_dtensor(local.to(param.dtype).contiguous())
             if param.grad is None:
                 param.grad = grad
             else:

@@ -84,6 +84,45 @@ def train(name: str, options: dict[str, Any], rank: int, world_size: int) -> dic
     return {"params": params, "counts": counts}
 
 
+def train_adatask(rank: int, world_size: int) -> list[torch.Tensor]:
+    """AdaTask-Adam (per-task moments of the shared parameters) for STEPS steps; sharded with
+    FSDP2 when several ranks take part, plain on one process."""
+    model = sharded_model() if world_size > 1 else ranks.Net()
+    optimizer = taskbalance.AdaTaskAdam(
+        [
+            {"params": model.trunk.parameters(), "shared": True},
+            {"params": model.heads.parameters()},
+        ],
+        lr=0.01,
+    )
+    x, y = ranks.data()
+    shard = slice(rank * ranks.BATCH // world_size, (rank + 1) * ranks.BATCH // world_size)
+    for _ in range(ranks.STEPS):
+        _, predictions = model(x[shard])
+        losses = [(p - y[shard, t]).pow(2).mean() for t, p in enumerate(predictions)]
+        optimizer.zero_grad()
+        optimizer.backward(losses)
+        optimizer.step()
+    return [getattr(p, "full_tensor", p.detach)().detach().clone() for p in model.parameters()]
+
+
+def functional_against_backward(rank: int, world_size: int) -> float:
+    """The largest gap between ``gradients()`` (sharded DTensors) and what ``backward()``
+    writes into the sharded ``.grad`` on the same batch."""
+    model = sharded_model()
+    x, y = ranks.data()
+
+    def losses():
+        _, predictions = model(x[rank::world_size])
+        return [(p - y[rank::world_size, t]).pow(2).mean() for t, p in enumerate(predictions)]
+
+    method = taskbalance.IMTLG(level="parameter")
+    grads, _ = method.gradients(losses(), shared=model.trunk)
+    method.backward(losses(), shared=model.trunk)
+    pairs = zip(grads, model.trunk.parameters(), strict=True)
+    return max(float((g.full_tensor() - p.grad.full_tensor()).abs().max()) for g, p in pairs)
+
+
 def mixed_precision_step(rank: int, world_size: int) -> dict[str, Any]:
     """One parameter-level IMTL-G step with bf16 parameters in the forward and backward."""
     model = sharded_model(mixed=True)
@@ -146,7 +185,9 @@ def worker(rank: int, world_size: int, init_file: str, configs: list, out_file: 
             index: train(name, options, rank, world_size)
             for index, (name, options) in enumerate(configs)
         }
+        results["adatask"] = train_adatask(rank, world_size)
         results["mixed"] = mixed_precision_step(rank, world_size)
+        results["functional"] = functional_against_backward(rank, world_size)
         results["refusal"] = refusal(rank, world_size)
         results["fsdp1"] = fsdp1_refusals(rank, world_size)
         if rank == 0:

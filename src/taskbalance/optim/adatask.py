@@ -279,7 +279,7 @@ class AdaTaskOptimizer(torch.optim.Optimizer):
                     if param.grad.is_sparse:
                         raise RuntimeError(f"{type(self).__name__} does not support sparse grads")
                     # A task-specific parameter is a single "task": the same code, T = 1.
-                    grads.append(param.grad.unsqueeze(0))
+                    grads.append(local_shard(param.grad).unsqueeze(0))
                     owned.append(False)
                 else:
                     continue
@@ -306,6 +306,7 @@ class AdaTaskOptimizer(torch.optim.Optimizer):
         """The parameter's accumulators as ``(T, *shape)`` tensors (views for T = 1 of the
         task-specific ones, whose state keeps the parameter's shape, as torch's)."""
         state = self.state[param]
+        param = local_shard(param)
         if not state:
             state["step"] = torch.tensor(0.0)
             for key in self._state_keys:
@@ -343,6 +344,7 @@ class AdaTaskOptimizer(torch.optim.Optimizer):
             state, held = self._buffers(param, grad.shape[0], group["shared"], group)
             states.append(state)
             buffers.append(held)
+        params = [local_shard(param) for param in params]  # FSDP2: each rank its own rows
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1.0)
         counts = [float(s) for s in steps]
@@ -411,10 +413,23 @@ class AdaTaskOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
 
+def local_shard(tensor: Tensor) -> Tensor:
+    """The rows of an FSDP2-sharded DTensor that this rank holds (the tensor itself when it is
+    not sharded): AdaTask's rule is elementwise, so each rank updates its own shard.
+
+    >>> local_shard(torch.ones(2))
+    tensor([1., 1.])
+    """
+    to_local = getattr(tensor, "to_local", None)
+    return tensor if to_local is None else to_local()
+
+
 def _stack(grad: TaskGrad, param: Tensor, name: str) -> Tensor | None:
-    """One parameter's per-task gradients as a ``(T, *shape)`` tensor, checked."""
+    """One parameter's per-task gradients as a ``(T, *shape)`` tensor, checked (the local
+    shard's shape for an FSDP2-sharded parameter)."""
     if grad is None:
         return None
+    param = local_shard(param)
     if not isinstance(grad, Tensor):
         parts = list(grad)
         if all(part is None for part in parts):

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from taskbalance.bench.runner import FINISHED_STATE, save_checkpoint
+from taskbalance.bench.checkpoints import FINISHED_STATE, save_checkpoint
 
 #: AU shares of all layers together are kept at every this many-th sampled step.
 AU_EVERY = 5

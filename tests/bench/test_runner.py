@@ -8,6 +8,7 @@ import pickle
 import pytest
 import torch
 
+from taskbalance.bench.checkpoints import DamagedCheckpointWarning, save_checkpoint
 from taskbalance.bench.data.types import MultiTaskData, Split, TaskSpec
 from taskbalance.bench.runner import (
     CheckpointMismatchError,
@@ -15,7 +16,6 @@ from taskbalance.bench.runner import (
     RunConfig,
     Runner,
     parse_method_spec,
-    save_checkpoint,
 )
 from taskbalance.optim import AdaTaskAdam
 
@@ -85,19 +85,24 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", ["imtl", "rlw", "adatask:base=imtl_l"])
-def test_an_interrupted_run_resumes_to_bit_identical_results(tmp_path, method):
-    data = synthetic()
-    full = Runner(data, config(method), checkpoint=tmp_path / "full.pt", progress=False)
-    expected = full.run()
+def interrupted_after_two(data, run_config: RunConfig, path) -> None:
+    """Train ``run_config`` with checkpoints at ``path`` and stop it after its second epoch."""
 
     def stop_after_two(runner: Runner) -> None:
         if runner.epoch == 2:
             raise Interrupt
 
-    path = tmp_path / "cut.pt"
     with pytest.raises(Interrupt):
-        Runner(data, config(method), checkpoint=path, progress=False).run(stop_after_two)
+        Runner(data, run_config, checkpoint=path, progress=False).run(stop_after_two)
+
+
+@pytest.mark.parametrize("method", ["imtl", "rlw", "adatask:base=imtl_l"])
+def test_an_interrupted_run_resumes_to_bit_identical_results(tmp_path, method):
+    data = synthetic()
+    full = Runner(data, config(method), checkpoint=tmp_path / "full.pt", progress=False)
+    expected = full.run()
+    path = tmp_path / "cut.pt"
+    interrupted_after_two(data, config(method), path)
     resumed = Runner(data, config(method), checkpoint=path, resume=True, progress=False)
     assert resumed.epoch == 2
     got = resumed.run()
@@ -118,6 +123,36 @@ def test_a_finished_checkpoint_is_read_back_without_training(tmp_path):
     first = Runner(data, config(), checkpoint=tmp_path / "run.pt", progress=False).run()
     again = Runner(data, config(), checkpoint=tmp_path / "run.pt", resume=True, progress=False)
     assert again.epoch == 3 and again.run() == first
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "one byte changed"])
+def test_a_damaged_checkpoint_is_set_aside_and_the_run_trains_from_the_start(tmp_path, damage):
+    data = synthetic()
+    path = tmp_path / "run.pt"
+    interrupted_after_two(data, config(), path)
+    whole = path.read_bytes()
+    if damage == "truncated":  # a full disk, an interrupted copy
+        damaged = whole[: len(whole) // 2]
+    elif damage == "empty":
+        damaged = b""
+    else:  # a bad copy: one byte of the model's weights altered (found by its CRC)
+        damaged = bytearray(whole)
+        damaged[whole.index(b"archive/data/0") + 200] ^= 0xFF
+        damaged = bytes(damaged)
+    path.write_bytes(damaged)
+    (tmp_path / "run.pt.damaged").write_bytes(b"an earlier one")  # never overwritten
+    lines = []
+    with pytest.warns(DamagedCheckpointWarning, match=r"run\.pt: damaged checkpoint \(.+\); "
+                      r"kept as run\.pt\.damaged2, ew trains from the start"):  # fmt: skip
+        again = Runner(data, config(), checkpoint=path, resume=True, progress=False,
+                       log=lines.append)  # fmt: skip
+    assert again.epoch == 0 and lines and "run.pt.damaged2" in lines[0]
+    assert (tmp_path / "run.pt.damaged2").read_bytes() == damaged
+    assert (tmp_path / "run.pt.damaged").read_bytes() == b"an earlier one"
+    fresh = Runner(data, config(), progress=False).run()
+    got = again.run()
+    assert without_times(got.history) == without_times(fresh.history)
+    assert Runner(data, config(), checkpoint=path, resume=True).epoch == 3  # a whole one again
 
 
 def test_a_checkpoint_of_another_configuration_is_refused(tmp_path):
@@ -341,3 +376,9 @@ def test_save_checkpoint_never_leaves_a_half_written_file(tmp_path):
     with pytest.raises(pickle.PicklingError, match="refused midway"):
         save_checkpoint({"epoch": 2, "bad": _Unsaveable()}, path)
     assert torch.load(path, weights_only=True) == {"epoch": 1}
+
+
+def test_a_failed_save_removes_its_temporary_file(tmp_path):
+    with pytest.raises(pickle.PicklingError, match="refused midway"):
+        save_checkpoint({"epoch": 2, "bad": _Unsaveable()}, tmp_path / "run.pt")
+    assert list(tmp_path.iterdir()) == []  # neither the checkpoint nor its .part file

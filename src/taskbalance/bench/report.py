@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from taskbalance.bench.checkpoints import atomic_write
 from taskbalance.bench.metrics import delta_m
 from taskbalance.bench.problem import Problem
-from taskbalance.bench.runner import RunResult, atomic_write
+from taskbalance.bench.runner import RunResult
 
 STL = "single-task"
 

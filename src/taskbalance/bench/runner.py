@@ -59,8 +59,8 @@ import functools
 import math
 import os
 import statistics
-import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,9 +71,26 @@ from torch import Tensor, nn
 
 from taskbalance.apply import StepInfo
 from taskbalance.bench.builtin import builtin_problem
+from taskbalance.bench.checkpoints import (
+    CHECKPOINT_VERSION,
+    FINISHED_STATE,
+    CheckpointMismatchError,
+    DamagedCheckpointError,
+    DamagedCheckpointWarning,
+    read_checkpoint,
+    save_checkpoint,
+    set_aside,
+)
 from taskbalance.bench.data.types import MultiTaskData
 from taskbalance.bench.metrics import RegressionLoss, delta_m
-from taskbalance.bench.parallel import World, broadcast, current_world, mean_over_ranks, shard
+from taskbalance.bench.parallel import (
+    World,
+    barrier,
+    broadcast,
+    current_world,
+    mean_over_ranks,
+    shard,
+)
 from taskbalance.bench.problem import (
     Batch,
     Problem,
@@ -96,11 +113,6 @@ PSEUDO_METHODS: dict[str, str] = {
     "adatask": "EW (or base=NAME, a loss-level method) with the AdaTask Adam optimizer "
     "(Yang et al., AAAI 2023)",
 }
-CHECKPOINT_VERSION = 2
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint to resume was written by another version, configuration or data."""
 
 
 def available_methods() -> list[str]:
@@ -388,42 +400,6 @@ def _build_optimizer(
     return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
-#: What a finished run's checkpoint keeps (all that resuming it needs): no model, optimizer or
-#: method state.
-FINISHED_STATE: tuple[str, ...] = (
-    "version", "config", "data", "epoch", "history", "status", "diverged_epoch", "result",
-)  # fmt: skip
-
-
-def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """``write(file)`` into a temporary file in ``path``'s folder, then rename it to ``path``: a
-    file is never half-written under its real name. The file gets the mode any new file gets
-    under the user's umask (the temporary file's private 0600 is not kept).
-
-    >>> import stat, tempfile
-    >>> target = Path(tempfile.mkdtemp()) / "a.txt"
-    >>> atomic_write(target, lambda f: f.write(b"hi"))
-    >>> target.read_bytes(), stat.S_IMODE(target.stat().st_mode) == 0o666 & ~_umask()
-    (b'hi', True)
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as f:
-        write(f)
-    os.chmod(f.name, 0o666 & ~_umask())
-    os.replace(f.name, path)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def save_checkpoint(obj: Any, path: Path) -> None:
-    """``torch.save`` through :func:`atomic_write`."""
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
 class Runner:
     """One training run; see the module docstring for the protocol.
 
@@ -523,10 +499,33 @@ class Runner:
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.keep_final_state = keep_final_state
         if resume and self.checkpoint is not None and self.checkpoint.exists():
-            try:
-                self.load_state_dict(torch.load(self.checkpoint, weights_only=True))
-            except CheckpointMismatchError as error:
-                raise CheckpointMismatchError(f"{self.checkpoint}: {error}") from None
+            self._resume(self.checkpoint)
+
+    def _resume(self, path: Path) -> None:
+        """Continue from the checkpoint ``path``. One that cannot be read back whole
+        (:func:`~taskbalance.bench.checkpoints.read_checkpoint`: truncated by a full disk, a bad
+        copy) is renamed to ``<name>.damaged`` and the run trains from the start, with a
+        :class:`DamagedCheckpointWarning` (and a log line) naming both files. Retraining rather
+        than stopping: the file holds nothing that training again does not give back (a run is
+        deterministic from its config), stopping would hold up every other run of the benchmark
+        on a file the user could only move away, and the file is kept for whoever wants to look.
+        A readable checkpoint of another configuration or data still stops the run
+        (:class:`CheckpointMismatchError`): that is a wrong ``--out`` or option, not damage."""
+        try:
+            state = read_checkpoint(path)
+        except DamagedCheckpointError as error:
+            barrier(self.world)  # every rank has read the file before rank 0 moves it
+            if self.world.main:
+                message = f"{error}; kept as {set_aside(path).name}, {self.config.label} " \
+                    "trains from the start"  # fmt: skip
+                warnings.warn(message, DamagedCheckpointWarning, stacklevel=3)
+                if self.log is not None:
+                    self.log(message)
+            return
+        try:
+            self.load_state_dict(state)
+        except CheckpointMismatchError as error:
+            raise CheckpointMismatchError(f"{path}: {error}") from None
 
     def _check(self, problem: Problem, config: RunConfig) -> None:
         unknown = sorted(set(config.loss_scale) - set(problem.task_names))

@@ -146,7 +146,7 @@ def _scenes(
 
 
 def load_dense_multi_mnist(
-    size: int = 6_000,
+    size: int = 3_000,
     test_size: int = 1_000,
     *,
     val_size: int | None = None,

@@ -52,7 +52,7 @@ _LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 }
 _TUPLE_OPTIONS = ("widths", "convs", "layers", "rates")
 #: The small SegNet the dense MultiMNIST trains by default (2 CPU cores).
-SMALL_SEGNET = {"widths": (8, 16, 32), "convs": (1, 1, 1)}
+SMALL_SEGNET = {"widths": (16, 32, 64, 64), "convs": (1, 1, 1, 1)}
 
 
 def full_metric(target: DenseTarget) -> SegmentationMetric | DepthMetric | NormalMetric:
@@ -209,7 +209,7 @@ def cityscapes(
 
 
 def dense_multi_mnist(
-    size: int = 6_000,
+    size: int = 3_000,
     test_size: int = 1_000,
     canvas: int = 32,
     digits: int = 2,

@@ -4,6 +4,10 @@ batch after several optimizer steps, with the collectives counted per step."""
 from __future__ import annotations
 
 import math
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,16 +73,16 @@ def _per_step(results, index, kind):
 
 @pytest.mark.parametrize(("index", "config"), list(enumerate(CONFIGS)), ids=IDS)
 def test_every_level_makes_the_all_gathers_of_one_ordinary_backward(results, index, config):
-    plain = _per_step(results, 0, "all_gather_single")
-    assert _per_step(results, index, "all_gather_single") == plain
+    plain = _per_step(results, 0, "all_gather")
+    assert _per_step(results, index, "all_gather") == plain
 
 
 def test_the_parameter_level_reduce_scatters_each_task_once_into_the_shards(results):
-    plain = _per_step(results, 0, "reduce_scatter_single")  # one per unit
+    plain = _per_step(results, 0, "reduce_scatter")  # one per unit
     index = CONFIGS.index(("imtl_g", {"level": "parameter"}))
     # T of ours (all trunk units in one each), the heads' unit by FSDP; the trunk's own is not
     # needed, since its gradient is written sharded.
-    assert _per_step(results, index, "reduce_scatter_single") == ranks.NUM_TASKS + plain - 1
+    assert _per_step(results, index, "reduce_scatter") == ranks.NUM_TASKS + plain - 1
     trunk = ranks.Net().trunk
     padded = sum(
         math.ceil(p.shape[0] / WORLD) * WORLD * math.prod(p.shape[1:]) for p in trunk.parameters()
@@ -88,7 +92,7 @@ def test_the_parameter_level_reduce_scatters_each_task_once_into_the_shards(resu
         for p in ranks.Net().heads.parameters()
     )
     _, numel = results[index]["counts"][0]
-    assert numel["reduce_scatter_single"] == ranks.NUM_TASKS * padded + heads
+    assert numel["reduce_scatter"] == ranks.NUM_TASKS * padded + heads
 
 
 @pytest.mark.parametrize(
@@ -122,3 +126,18 @@ def test_fsdp1_is_refused_in_one_line_at_both_levels(results):
     for message in results["fsdp1"]:
         assert message.startswith("the model is sharded with FSDP1 (FullyShardedDataParallel)")
         assert "fully_shard" in message and "\n" not in message
+
+
+def test_the_torchrun_example_trains_and_makes_the_collectives_the_docs_state():
+    example = Path(__file__).parents[1] / "examples" / "fsdp_multitask.py"
+    with socket.socket() as probe:  # a free port for torchrun's rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"),
+        *("--master_addr", "127.0.0.1", "--master_port", str(port), str(example), "--steps", "2"),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = "{'all_gather': 3, 'all_reduce': 2, 'reduce_scatter': 4}"
+    assert f"collectives of the last step: {expected}" in done.stdout

@@ -90,3 +90,72 @@ def reducer(sync: bool | None, group: dist.ProcessGroup | None = None) -> Reduce
     if world_size == 1 and not sync:
         return None
     return Reducer(group, world_size, dist.get_rank(group))
+
+
+_COUNTED = {
+    "all_gather_single": "all_gather",
+    "all_gather_into_tensor": "all_gather",
+    "all_gather": "all_gather",
+    "reduce_scatter_single": "reduce_scatter",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "all_reduce": "all_reduce",
+    "broadcast": "broadcast",
+}
+"""The torch.distributed functions a step may call (FSDP2's all-gathers and reduce-scatters,
+DDP's and taskbalance's all-reduces), by the kind of collective they make."""
+
+
+class CollectiveCounter:
+    """Counts the collectives made inside a ``with`` block, and the numbers they carry.
+
+    Wraps the ``torch.distributed`` functions that FSDP2, DDP and taskbalance call (each looked
+    up on the module at call time), so it sees every all-gather, reduce-scatter, all-reduce and
+    broadcast of a step. For checking what a step costs, e.g. that a feature-level step under
+    FSDP2 makes the all-gathers of an ordinary backward; not meant for timing.
+
+    Attributes:
+        calls: ``{kind: number of calls}``, kinds ``all_gather``, ``reduce_scatter``,
+            ``all_reduce``, ``broadcast``.
+        numel: ``{kind: numbers sent}``: the input's size (for an all-gather, this rank's
+            part; for a reduce-scatter, the whole input).
+
+    >>> with CollectiveCounter() as counter:
+    ...     pass  # a training step under torch.distributed
+    >>> counter.calls
+    {}
+    """
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+        self.numel: dict[str, int] = {}
+        self._originals = {name: getattr(dist, name) for name in _COUNTED if hasattr(dist, name)}
+
+    def __enter__(self) -> CollectiveCounter:
+        for name, original in self._originals.items():
+            setattr(dist, name, self._counting(name, original))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, original in self._originals.items():
+            setattr(dist, name, original)
+
+    def _counting(self, name: str, original):
+        kind = _COUNTED[name]
+
+        def counted(*args, **kwargs):
+            self.calls[kind] = self.calls.get(kind, 0) + 1
+            self.numel[kind] = self.numel.get(kind, 0) + _input_numel(name, args, kwargs)
+            return original(*args, **kwargs)
+
+        return counted
+
+
+def _input_numel(name: str, args: tuple, kwargs: dict) -> int:
+    """The size of what a collective sends from this rank."""
+    if name in ("all_reduce", "broadcast"):
+        tensor = kwargs.get("tensor", args[0] if args else None)
+    elif name == "all_gather":
+        tensor = kwargs.get("tensor", args[1] if len(args) > 1 else None)
+    else:  # (output, input) collectives
+        tensor = kwargs.get("input", kwargs.get("input_tensor", args[1] if len(args) > 1 else None))
+    return tensor.numel() if isinstance(tensor, Tensor) else 0

@@ -3,12 +3,11 @@
 Each rank shards the trunk and the whole model with ``fully_shard`` (the trunk's layers have an
 odd number of rows, so the ranks' shards differ in size) and trains on its half of the batch;
 ``ranks.train`` on one process and the whole batch is the reference. The collectives FSDP2 and
-taskbalance make are counted per step by wrapping the ``torch.distributed`` functions they call.
+taskbalance make are counted per step (:class:`taskbalance.distributed.CollectiveCounter`).
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import torch
@@ -17,36 +16,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import taskbalance
 from support import ranks
-
-COUNTED = ("all_gather_single", "reduce_scatter_single", "all_reduce")
-
-
-class Collectives:
-    """Counts (and sums the sizes of) the collectives made while it is installed."""
-
-    def __init__(self) -> None:
-        self.calls: Counter[str] = Counter()
-        self.numel: Counter[str] = Counter()
-        self._originals = {name: getattr(dist, name) for name in COUNTED}
-
-    def __enter__(self) -> Collectives:
-        for name, original in self._originals.items():
-
-            def counted(*args: Any, _name: str = name, _original: Any = original, **kwargs: Any):
-                self.calls[_name] += 1
-                if "input" in kwargs:
-                    tensor = kwargs["input"]
-                else:  # all_reduce(tensor), all_gather_single(output, input)
-                    tensor = args[0] if _name == "all_reduce" else args[1]
-                self.numel[_name] += tensor.numel()
-                return _original(*args, **kwargs)
-
-            setattr(dist, name, counted)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for name, original in self._originals.items():
-            setattr(dist, name, original)
+from taskbalance.distributed import CollectiveCounter
 
 
 def sharded_model(mixed: bool = False) -> ranks.Net:
@@ -72,7 +42,7 @@ def train(name: str, options: dict[str, Any], rank: int, world_size: int) -> dic
     x, y = x[shard], y[shard]
     counts = []
     for _ in range(ranks.STEPS):
-        with Collectives() as collectives:
+        with CollectiveCounter() as collectives:
             z, predictions = model(x)
             losses = {f"t{t}": (p - y[:, t]).pow(2).mean() for t, p in enumerate(predictions)}
             optimizer.zero_grad()

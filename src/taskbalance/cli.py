@@ -348,6 +348,14 @@ def _add_output_options(bench: argparse.ArgumentParser, choices: dict) -> None:
         "numbers equal a serial run's; e.g. --jobs 2 on 2 cores; default 1)",
     )
     bench.add_argument(
+        "--executor",
+        choices=choices["executors"],
+        default="local",
+        help="local (default: this process, or --jobs worker processes) or ray: every run a "
+        "Ray task, on a local Ray instance or on the cluster at $RAY_ADDRESS, each with "
+        "--threads CPUs (the numbers equal a serial run's; needs taskbalance[ray])",
+    )
+    bench.add_argument(
         "--keep-checkpoints",
         action="store_true",
         help="keep each finished run's trained model, optimizer and method state in its "
@@ -367,6 +375,7 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
     try:
         from taskbalance.bench.benchmark import SELECTIONS
         from taskbalance.bench.data import DATASETS
+        from taskbalance.bench.executor import EXECUTORS
         from taskbalance.bench.models import ARCHITECTURES
         from taskbalance.bench.protocols import DEFAULT_DATASET, PROTOCOLS
     except ImportError as error:  # pandas and friends: the optional [bench] extra
@@ -384,7 +393,8 @@ def _add_bench(commands: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     choices = {"datasets": DATASETS, "architectures": ARCHITECTURES, "selections": SELECTIONS,
-               "protocols": PROTOCOLS, "default_dataset": DEFAULT_DATASET}  # fmt: skip
+               "protocols": PROTOCOLS, "default_dataset": DEFAULT_DATASET,
+               "executors": EXECUTORS}  # fmt: skip
     _add_problem_options(bench, choices)
     _add_training_options(bench, choices)
     _add_output_options(bench, choices)
@@ -449,6 +459,7 @@ def bench_config(args: argparse.Namespace):
         resume=args.resume,
         keep_checkpoints=args.keep_checkpoints,
         jobs=args.jobs,
+        executor=args.executor,
         timing_rounds=max(args.timing_rounds, 0),
         record_every=max(args.record_every, 0),
         selection=args.select,
@@ -510,13 +521,23 @@ def _bench_in_world(args: argparse.Namespace) -> None:
 
     world = current_world()
     say = print if world.main else (lambda *_args, **_kw: None)
-    config = bench_config(args)
+    try:
+        config = bench_config(args)
+    except ValueError as error:  # options that do not go together (--jobs with --executor ray)
+        raise SystemExit(f"taskbalance bench: {error}") from None
     _check_out(config.out_dir)
-    if world.distributed and config.jobs > 1:
+    if world.distributed and (config.jobs > 1 or config.executor != "local"):
         raise SystemExit(
-            "taskbalance bench: --jobs trains runs side by side in one process's workers; under "
-            "torchrun the ranks already share each run: drop --jobs"
+            "taskbalance bench: --jobs and --executor train runs side by side; under torchrun "
+            "the ranks already share each run: drop them"
         )
+    if config.executor == "ray":
+        from taskbalance.bench.ray_executor import import_ray
+
+        try:
+            import_ray()
+        except ImportError as error:
+            raise SystemExit(f"taskbalance bench: --executor ray: {error}") from None
     config = dataclasses.replace(config, device=local_device(config.device, world))
     make_deterministic(config.device, args.threads)
     problem = _load_checked(config, world)

@@ -112,6 +112,11 @@ class BenchConfig:
     """Train this many runs of a stage at a time, in worker processes
     (:mod:`taskbalance.bench.pool`); the numbers are those of a serial run. Not under
     torch.distributed, where every rank must run the same plan in step."""
+    executor: str = "local"
+    """Where the runs train (:data:`taskbalance.bench.executor.EXECUTORS`): ``"local"`` (in
+    this process, or ``jobs`` worker processes) or ``"ray"`` (each run a Ray task on a local
+    Ray instance, or on the cluster at ``RAY_ADDRESS``: :mod:`taskbalance.bench.ray_executor`;
+    the numbers are those of a serial run)."""
     keep_checkpoints: bool = False
     """Keep every finished run's model, optimizer and method state in its checkpoint; by
     default a finished run's checkpoint keeps only its result (enough for ``resume``)."""
@@ -127,6 +132,13 @@ class BenchConfig:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.jobs < 1:
             raise ValueError(f"jobs must be at least 1, got {self.jobs}")
+        if self.executor not in executor.EXECUTORS:
+            raise ValueError(f"executor must be one of {executor.EXECUTORS}, got {self.executor!r}")
+        if self.executor == "ray" and self.jobs > 1:
+            raise ValueError(
+                f"jobs={self.jobs} with the Ray executor: Ray schedules the runs on its CPUs "
+                "itself; jobs is for the local executor"
+            )
         if self.grid_seeds is not None and self.grid_seeds < 1:
             raise ValueError(f"grid_seeds must be at least 1, got {self.grid_seeds}")
 
@@ -271,15 +283,21 @@ def setup_fields(
             if world.distributed
             else ""
         ),
-        "parallel runs": (
-            f"{config.jobs} at a time (worker processes, {torch.get_num_threads()} thread(s) "
-            "each; the runs' own ms/step were measured side by side)"
-            if config.jobs > 1
-            else ""
-        ),
+        "parallel runs": _parallel_runs(config),
         "wall time": f"{seconds:.0f} s",
     }
     return {key: value for key, value in fields.items() if value}
+
+
+def _parallel_runs(config: BenchConfig) -> str:
+    """The report's "parallel runs" field: how many runs trained side by side, and where."""
+    side_by_side = (f"{torch.get_num_threads()} thread(s) each; the runs' own ms/step were "
+                    "measured side by side")  # fmt: skip
+    if config.executor == "ray":
+        from taskbalance.bench.ray_executor import describe_cluster
+
+        return f"Ray tasks on {describe_cluster()} ({side_by_side})"
+    return f"{config.jobs} at a time (worker processes, {side_by_side})" if config.jobs > 1 else ""
 
 
 class _Session:
@@ -345,12 +363,12 @@ def _train_all(
 
     def execute(configs: Sequence[RunConfig]) -> list[RunResult]:
         runs = [(c, session.out / "checkpoints" / f"{run_name(c)}.pt") for c in configs]
-        if config.jobs > 1 and len(runs) > 1:
-            if session.bar is not None:
-                session.bar.set_postfix_str(f"{min(config.jobs, len(runs))} runs at a time")
-            threads = torch.get_num_threads()
-            return executor.in_workers(stage, runs, config.jobs, threads, log_path)
-        return executor.serial(stage, runs)
+        if session.bar is not None and config.executor == "ray":
+            session.bar.set_postfix_str(f"{len(runs)} runs on Ray")
+        elif session.bar is not None and config.jobs > 1 and len(runs) > 1:
+            session.bar.set_postfix_str(f"{min(config.jobs, len(runs))} runs at a time")
+        return executor.execute(stage, runs, executor=config.executor, jobs=config.jobs,
+                                threads=torch.get_num_threads(), log_path=log_path)  # fmt: skip
 
     def grid_then_chosen(make: Callable[..., list[RunConfig]]) -> list[RunResult]:
         runs = execute(make(grid_seeds, lambda _label: config.lrs))
@@ -415,11 +433,16 @@ def run_benchmark(
     """
     began = time.perf_counter()
     world = current_world()
-    if world.distributed and config.jobs > 1:
+    if world.distributed and (config.jobs > 1 or config.executor != "local"):
         raise ValueError(
-            f"jobs={config.jobs} under torch.distributed: every rank must train the same run "
-            "at the same time; use jobs=1 (the ranks are the parallelism)"
+            f"jobs={config.jobs}, executor={config.executor!r} under torch.distributed: every "
+            "rank must train the same run at the same time; use jobs=1 and the local executor "
+            "(the ranks are the parallelism)"
         )
+    if config.executor == "ray":
+        from taskbalance.bench.ray_executor import import_ray
+
+        import_ray()  # a missing extra is one line, before anything loads or trains
     make_deterministic(config.device, config.threads)
     if not world.main:
         echo, progress, verbose = (lambda _line: None), False, False

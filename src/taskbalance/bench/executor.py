@@ -8,11 +8,14 @@ order given, so every executor gives the same numbers, table and files:
 * ``"serial"``: one run after the other in this process (the default; under ``torchrun``
   every rank trains the same run at the same time, data-parallel);
 * ``"jobs"``: ``jobs`` runs at a time in spawned worker processes on this machine
-  (:mod:`taskbalance.bench.pool`, no extra dependency).
+  (:mod:`taskbalance.bench.pool`, no extra dependency);
+* ``"ray"``: every run a Ray task, on a local Ray instance or the cluster at ``RAY_ADDRESS``
+  (:mod:`taskbalance.bench.ray_executor`, the optional extra ``taskbalance[ray]``).
 
-``on_done(config, result)`` is called in this process as each run finishes; a run that fails
-stops the stage and its error names the run's config, while the finished runs keep their
-checkpoints (``--resume`` reads them back, whatever executor wrote them).
+:func:`execute` picks one from :data:`EXECUTORS` and ``jobs``. ``on_done(config, result)`` is
+called in this process as each run finishes; a run that fails stops the stage and its error
+names the run's config, while the finished runs keep their checkpoints (``--resume`` reads them
+back, whatever executor wrote them).
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ from taskbalance.bench.pool import train_in_workers
 from taskbalance.bench.problem import Problem
 from taskbalance.bench.runner import CheckpointMismatchError, RunConfig, Runner, RunResult
 
-#: The executor names :func:`execute` accepts.
-EXECUTORS: tuple[str, ...] = ("serial", "jobs")
+#: Where :func:`execute` trains the runs: ``"local"`` (serially, or ``jobs`` at a time in
+#: worker processes) or ``"ray"`` (Ray tasks).
+EXECUTORS: tuple[str, ...] = ("local", "ray")
 
 Runs = Sequence[tuple[RunConfig, Path | None]]
 OnDone = Callable[[RunConfig, RunResult], None]
@@ -72,6 +76,44 @@ def check_picklable(problem: Problem) -> None:
         ) from None
 
 
+def run_failed(config: RunConfig, error: BaseException) -> RunFailedError:
+    """The error that reports ``error``, raised by ``config``'s run, naming the run.
+
+    >>> run_failed(RunConfig(seed=1), ValueError("bad"))
+    RunFailedError('run ew lr 0.001 seed 1 failed: bad')
+    """
+    return RunFailedError(f"run {describe(config)} failed: {error}")
+
+
+def execute(
+    stage: Stage,
+    runs: Runs,
+    *,
+    executor: str = "local",
+    jobs: int = 1,
+    threads: int = 1,
+    log_path: Path | None = None,
+) -> list[RunResult]:
+    """Train ``runs`` with ``executor`` (:data:`EXECUTORS`): ``"ray"`` as Ray tasks
+    (:func:`taskbalance.bench.ray_executor.in_ray`); ``"local"`` ``jobs`` at a time in worker
+    processes (:func:`in_workers`, appending to ``log_path``) when ``jobs > 1`` and there are
+    several runs, else :func:`serial`. ``threads``: torch's CPU threads of each run elsewhere
+    than in this process. Returns the results in the order of ``runs``.
+
+    >>> execute(Stage(None, {}), [], jobs=2)
+    []
+    """
+    if executor == "ray":
+        from taskbalance.bench.ray_executor import in_ray
+
+        return in_ray(stage, runs, threads)
+    if executor != "local":
+        raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+    if jobs > 1 and len(runs) > 1:
+        return in_workers(stage, runs, jobs, threads, log_path)
+    return serial(stage, runs)
+
+
 def serial(stage: Stage, runs: Runs) -> list[RunResult]:
     """Train ``runs`` one after the other in this process."""
     done = []
@@ -85,7 +127,7 @@ def serial(stage: Stage, runs: Runs) -> list[RunResult]:
         except CheckpointMismatchError:  # names its checkpoint, hence the run, already
             raise
         except Exception as error:
-            raise RunFailedError(f"run {describe(config)} failed: {error}") from error
+            raise run_failed(config, error) from error
         if stage.on_done is not None:
             stage.on_done(config, done[-1])
     return done

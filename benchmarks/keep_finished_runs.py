@@ -40,7 +40,7 @@ AU_EVERY = 5
 
 
 def plotted_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The records the plots draw (:func:`taskbalance.bench.report.write_plots`), thinned: every
+    """The records the plots draw (:func:`taskbalance.bench.plots.write_plots`), thinned: every
     ``r_spread``; ``au_share`` of every layer at the last sampled step and of all layers
     (``"*"``) at every :data:`AU_EVERY`-th sampled step.
 

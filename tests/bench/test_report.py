@@ -13,7 +13,13 @@ from taskbalance.bench.builtin import builtin_problem
 from taskbalance.bench.data.types import MultiTaskData, Split, TaskSpec
 from taskbalance.bench.plan import select
 from taskbalance.bench.problem import Problem
-from taskbalance.bench.report import STL, format_table, summarize, write_outputs
+from taskbalance.bench.report import (
+    DELTA_M_FORMULA,
+    STL,
+    format_table,
+    summarize,
+    write_outputs,
+)
 from taskbalance.bench.runner import RunResult
 
 
@@ -147,6 +153,19 @@ def test_outputs_are_written_whole_and_parse(tmp_path):
     payload = json.loads(files["json"].read_text())
     assert payload["command"] == "taskbalance bench x" and len(payload["runs"]) == 3
     assert "taskbalance bench x" in files["report"].read_text()
+
+
+def test_report_md_writes_delta_m_as_a_formula_worked_through_on_the_runs_numbers(tmp_path):
+    runs = [*stl(0, 0.8, 1.0), run("ew", 0, {"acc": 0.5, "err": 1.0})]
+    rows = summarize(data(), runs)
+    files = write_outputs(tmp_path, data(), rows, runs, runs, command="x", plots=False)
+    text = files["report"].read_text()
+    assert DELTA_M_FORMULA in text
+    assert rows[1].label == "ew" and rows[1].delta_m.mean == pytest.approx(18.75)
+    assert (
+        "Example (ew, seed 0): acc -100 · (0.5 - 0.8) / 0.8 = +37.5; err 100 · (1 - 1) / 1 = +0; "
+        "mean over the 2 tasks: Δm = +18.75 % (results.csv: delta_m_pct)."
+    ) in text.splitlines()
 
 
 def with_records(result: RunResult, records: list[dict]) -> RunResult:

@@ -227,14 +227,74 @@ def format_table(data: Problem, rows: Sequence[Row], digits: int = 4) -> str:
 
 
 LEGEND = (
-    "Test metrics at the epoch selected on validation (mean ± std over seeds). Δm %: mean "
-    "over tasks of the signed relative difference to the single-task baselines of the same "
-    "seed (lower is better). ms/step: median wall time of a training step (forward, method "
+    "Test metrics at the epoch selected on validation (mean ± std over seeds). Δm % (lower is "
+    "better): the formula below, per seed against the single-task baselines of the same seed. "
+    "ms/step: median wall time of a training step (forward, method "
     "backward, optimizer step), measured interleaved across methods after training (unless "
     "noted); the single-task row gives one single-task model's step. "
     "+ / -: better / worse than EW by more than the spread over seeds (|Δmean| > std + "
     "std_EW); with one seed nothing is marked."
 )
+
+#: Delta m as report.md writes it (:func:`taskbalance.bench.metrics.delta_m` computes it).
+DELTA_M_FORMULA = (
+    "Δm % = (100 / T) · Σ_t s_t · (M_t - B_t) / |B_t| over the T tasks: M_t is the method's "
+    "test metric on task t, B_t the single-task baseline's (same seed), s_t = +1 where lower "
+    "is better and -1 where higher is better."
+)
+
+
+def seed_delta_m(
+    data: Problem, run: RunResult, baselines: Mapping[int, Mapping[str, float]]
+) -> float | None:
+    """``run``'s test Delta m % against the single-task ``baselines`` of its seed
+    (:func:`stl_metrics`); ``None`` for a single-task run or when a task has no value."""
+    base = baselines.get(run.config["seed"])
+    tasks = set(data.task_names)
+    if run.label.startswith("stl:") or base is None:
+        return None
+    if not set(run.test_metrics) == set(base) == tasks:
+        return None
+    return delta_m(run.test_metrics, base, {t: data.task(t).higher_is_better for t in tasks})
+
+
+def delta_m_example(data: Problem, selected: Sequence[RunResult]) -> str:
+    """:data:`DELTA_M_FORMULA` worked through on one selected run (EW's first seed, else the
+    first method with a Delta m): each task's term, then their mean, which is that run's Delta m.
+    Empty when no run has one.
+
+    >>> from taskbalance.bench.builtin import builtin_problem
+    >>> from taskbalance.bench.data.types import MultiTaskData, Split, TaskSpec
+    >>> import torch
+    >>> s = Split(torch.zeros(1, 1), {"acc": torch.zeros(1), "mae": torch.zeros(1)})
+    >>> tasks = (TaskSpec("acc", "binary", 1, "accuracy", True),
+    ...          TaskSpec("mae", "regression", 1, "mae", False))
+    >>> d = builtin_problem(MultiTaskData("toy", tasks, s, s, s, "", ""))
+    >>> def run(label, metrics):
+    ...     return RunResult({"seed": 0, "lr": 1e-3}, label, list(metrics), [], 1, {}, metrics,
+    ...                      {}, 1.0, "ok", None, 0.0)
+    >>> runs = [run("stl:acc", {"acc": 0.8}), run("stl:mae", {"mae": 2.0}),
+    ...         run("ew", {"acc": 0.9, "mae": 1.0})]
+    >>> print(delta_m_example(d, runs).replace("; ", "\\n"))
+    Example (ew, seed 0): acc -100 · (0.9 - 0.8) / 0.8 = -12.5
+    mae 100 · (1 - 2) / 2 = -50
+    mean over the 2 tasks: Δm = -31.25 % (results.csv: delta_m_pct).
+    """
+    baselines = stl_metrics(selected)
+    ranked = [r for r in selected if seed_delta_m(data, r, baselines) is not None]
+    if not ranked:
+        return ""
+    run = min(ranked, key=lambda r: (r.label != "ew", r.config["seed"]))
+    base = baselines[run.config["seed"]]
+    terms = []
+    for t in data.task_names:
+        value, reference, higher = run.test_metrics[t], base[t], data.task(t).higher_is_better
+        term = delta_m({t: value}, {t: reference}, {t: higher})
+        terms.append(f"{t} {'-' if higher else ''}100 · ({value:.4g} - {reference:.4g}) / "
+                     f"{abs(reference):.4g} = {term:+.4g}")  # fmt: skip
+    total = seed_delta_m(data, run, baselines)
+    return (f"Example ({run.label}, seed {run.config['seed']}): {'; '.join(terms)}; mean over "
+            f"the {len(terms)} tasks: Δm = {total:+.4g} % (results.csv: delta_m_pct).")  # fmt: skip
 
 
 #: Pairs of methods whose numbers are identical by construction, and why.
@@ -280,25 +340,37 @@ def _atomic_write(path: Path, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
-def results_rows(runs: Sequence[RunResult], selected: Sequence[RunResult]) -> list[dict[str, Any]]:
-    """Long-format rows: one per run (method, seed, lr), task and metric; ``selected`` marks
-    the runs at the learning rate chosen on validation. Delta m rows have task ``"*"``."""
+#: The columns of ``results.csv``.
+RESULTS_COLUMNS = ("method", "seed", "lr", "selected", "task", "metric", "split", "value",
+                   "best_epoch", "status", "step_ms")  # fmt: skip
+
+
+def results_rows(
+    data: Problem, runs: Sequence[RunResult], selected: Sequence[RunResult]
+) -> list[dict[str, Any]]:
+    """``results.csv``'s long-format rows: one per run (method, seed, lr), task and split of a
+    metric (``selected`` marks the runs at the learning rate chosen on validation), then one
+    Delta m row (task ``"*"``, metric ``delta_m_pct``) per selected method run and seed."""
     chosen = {id(r) for r in selected}
-    out = []
-    for run in runs:
-        base = {
-            "method": run.label,
-            "seed": run.config["seed"],
-            "lr": run.config["lr"],
-            "selected": id(run) in chosen,
-            "best_epoch": run.best_epoch,
-            "status": run.status,
-            "step_ms": run.step_ms,
-        }
-        for task in run.tasks:
-            for split, values in (("val", run.val_metrics), ("test", run.test_metrics)):
-                if task in values:
-                    out.append({**base, "task": task, "split": split, "value": values[task]})
+
+    def base(run: RunResult) -> dict[str, Any]:
+        return {"method": run.label, "seed": run.config["seed"], "lr": run.config["lr"],
+                "selected": id(run) in chosen, "best_epoch": run.best_epoch,
+                "status": run.status, "step_ms": run.step_ms}  # fmt: skip
+
+    out = [
+        {**base(run), "task": t, "metric": data.task(t).metric_name, "split": split, "value": v[t]}
+        for run in runs
+        for t in run.tasks
+        for split, v in (("val", run.val_metrics), ("test", run.test_metrics))
+        if t in v
+    ]
+    baselines = stl_metrics(selected)
+    for run in selected:
+        value = seed_delta_m(data, run, baselines)
+        if value is not None:
+            out.append({**base(run), "task": "*", "metric": "delta_m_pct", "split": "test",
+                        "value": value})  # fmt: skip
     return out
 
 
@@ -334,54 +406,22 @@ def write_outputs(
     plots: bool = True,
 ) -> dict[str, Path]:
     """Write results.csv, results.json, report.md, diagnostics.csv (when the runs recorded
-    any) and the PNG plots to ``out_dir``. ``setup`` (``{field: text}``, e.g.
-    :func:`taskbalance.bench.benchmark.setup_fields`) is what produced the numbers: it leads
-    report.md and is kept in results.json.
+    any) and the PNG plots (:func:`taskbalance.bench.plots.write_plots`) to ``out_dir``.
+    ``setup`` (``{field: text}``, e.g. :func:`taskbalance.bench.benchmark.setup_fields`) is
+    what produced the numbers: it leads report.md and is kept in results.json.
 
     Returns ``{kind: path}`` of what was written.
     """
     out = Path(out_dir)
-    written: dict[str, Path] = {}
     notes = [*notes, *identical_rows_notes(rows)]
-    hib = {t: data.task(t).higher_is_better for t in data.task_names}
-    metric_of = {t: data.task(t).metric_name for t in data.task_names}
-    records = results_rows(runs, selected)
-    for r in records:
-        r["metric"] = metric_of[r["task"]]
-    baselines = stl_metrics(selected)
-    for run in selected:
-        seed = run.config["seed"]
-        if run.label.startswith("stl:") or seed not in baselines:
-            continue
-        if set(run.test_metrics) == set(data.task_names) == set(baselines[seed]):
-            value = delta_m(run.test_metrics, baselines[seed], hib)
-            records.append({"method": run.label, "seed": seed, "lr": run.config["lr"],
-                            "selected": True, "best_epoch": run.best_epoch,
-                            "status": run.status, "step_ms": run.step_ms, "task": "*",
-                            "split": "test", "value": value, "metric": "delta_m_pct"})  # fmt: skip
-    fields = ("method", "seed", "lr", "selected", "task", "metric", "split", "value",
-              "best_epoch", "status", "step_ms")  # fmt: skip
-    written["csv"] = out / "results.csv"
-    _write_csv(written["csv"], fields, records)
-
-    table = format_table(data, rows)
+    written = {"csv": out / "results.csv", "json": out / "results.json"}
+    _write_csv(written["csv"], RESULTS_COLUMNS, results_rows(data, runs, selected))
     payload = {
         "command": command,
         "setup": dict(setup or {}),
-        "dataset": {
-            "name": data.name,
-            "description": data.description,
-            "licence": data.licence,
-            "tasks": [
-                {
-                    "name": t.name,
-                    "metric": t.metric_name,
-                    "higher_is_better": t.higher_is_better,
-                    "unit": t.unit,
-                }
-                for t in data.tasks
-            ],
-        },
+        "dataset": {"name": data.name, "description": data.description, "licence": data.licence,
+                    "tasks": [{"name": t.name, "metric": t.metric_name, "unit": t.unit,
+                               "higher_is_better": t.higher_is_better} for t in data.tasks]},
         "notes": list(notes),
         "table": [_row_dict(r) for r in rows],
         # The diagnostics records go to diagnostics.csv: thousands of rows per run.
@@ -389,24 +429,43 @@ def write_outputs(
         "selected": [
             {"method": r.label, "seed": r.config["seed"], "lr": r.config["lr"]} for r in selected
         ],
-    }
-    written["json"] = out / "results.json"
+    }  # fmt: skip
     _atomic_write(written["json"], json.dumps(payload, indent=1, default=_json_default).encode())
-
     diagnostics = diagnostics_rows(runs, selected)
     if diagnostics:
         written["diagnostics"] = out / "diagnostics.csv"
         _write_csv(written["diagnostics"], DIAGNOSTICS_COLUMNS, diagnostics)
-
-    plot_paths: dict[str, Path] = {}
-    notes = list(notes)
+    figures: dict[str, Path] = {}
     if plots:
+        from taskbalance.bench.plots import write_plots
+
         try:
-            plot_paths = write_plots(out, data, selected, rows)
+            figures = write_plots(out, data, selected, rows)
         except ImportError as error:  # matplotlib is an optional extra: results still count
             notes.append(f"plots skipped: {error} (pip install 'taskbalance[bench]')")
-        written.update(plot_paths)
-    report = [
+    written.update(figures)
+    written["report"] = out / "report.md"
+    report = report_text(data, rows, selected, command=command, notes=notes, setup=setup,
+                         figures=figures)  # fmt: skip
+    _atomic_write(written["report"], report.encode())
+    return written
+
+
+def report_text(
+    data: Problem,
+    rows: Sequence[Row],
+    selected: Sequence[RunResult],
+    *,
+    command: str,
+    notes: Sequence[str] = (),
+    setup: Mapping[str, str] | None = None,
+    figures: Mapping[str, Path] | None = None,
+) -> str:
+    """report.md: the command, the setup, the data's description, the table, its legend, the
+    Delta m formula with an example from ``selected`` (:func:`delta_m_example`), the notes and
+    the ``figures`` (``{name: path}``)."""
+    example = delta_m_example(data, selected)
+    lines = [
         f"# taskbalance bench: {data.name}",
         "",
         f"Command: `{command}`",
@@ -415,18 +474,19 @@ def write_outputs(
         "",
         data.description,
         "",
-        table,
+        format_table(data, rows),
         "",
         LEGEND,
         "",
+        DELTA_M_FORMULA,
+        *(["", example] if example else []),
+        "",
         *(f"- {n}" for n in notes),
         "",
-        *(f"![{k}]({p.name})" for k, p in plot_paths.items()),
+        *(f"![{k}]({p.name})" for k, p in (figures or {}).items()),
         "",
     ]
-    written["report"] = out / "report.md"
-    _atomic_write(written["report"], "\n".join(report).encode())
-    return written
+    return "\n".join(lines)
 
 
 def _json_default(value: Any) -> Any:
@@ -455,235 +515,3 @@ def _row_dict(row: Row) -> dict[str, Any]:
         "status": row.status,
         "best_epochs": row.best_epochs,
     }
-
-
-#: The methods of the three seed papers (IMTL, AdaTask, EMTL), highlighted in the plots.
-SEED_METHODS = frozenset({"imtl_l", "imtl_g", "imtl", "emtl", "adatask"})
-
-
-def _is_seed_method(label: str) -> bool:
-    return label.split(":")[0] in SEED_METHODS
-
-
-def robust_limits(values: Sequence[float], quantile: float = 0.05) -> tuple[float, float] | None:
-    """Y-limits that show the bulk of ``values``: from the ``quantile`` to the ``1 - quantile``
-    quantile, widened by half that range on each side, so that one diverging early epoch does
-    not flatten every other curve. ``None`` when there are no finite values.
-
-    >>> [round(v, 6) for v in robust_limits([1.0, 1.1, 1.2, 1.3, 1.4] * 4 + [1000.0])]
-    [0.8, 1.6]
-    """
-    finite = sorted(v for v in values if math.isfinite(v))
-    if not finite:
-        return None
-    k = int(quantile * (len(finite) - 1))
-    low, high = finite[k], finite[len(finite) - 1 - k]
-    pad = 0.5 * (high - low) or abs(high) * 0.05 or 1.0
-    return low - pad, high + pad
-
-
-def write_plots(
-    out_dir: str | os.PathLike[str],
-    data: Problem,
-    selected: Sequence[RunResult],
-    rows: Sequence[Row] = (),
-) -> dict[str, Path]:
-    """The benchmark's figures as PNGs (matplotlib, Agg backend); returns ``{name: path}``.
-
-    From ``rows`` (the table): ``delta_m`` (each method's Delta m % with its spread over seeds,
-    the seed papers' methods highlighted) and, with three tasks or more, ``relative_error`` (a
-    heat map of each method's per-task relative error to the single-task baselines). From the
-    first seed's runs: validation metric per task vs epoch (one legend beside the panels, robust
-    y-limits), the mean task weights per epoch, EMTL's ``r_t`` spread over training (every
-    method that recorded it) and AdaTask's AU shares (every ``adatask`` run)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    # 20 distinct colours: QM9 has 11 tasks and the paper protocol 16 methods.
-    colors = plt.get_cmap("tab20").colors
-    out = Path(out_dir)
-    first_seed = min((r.config["seed"] for r in selected), default=0)
-    runs = [r for r in selected if r.config["seed"] == first_seed and r.history]
-    methods = [r for r in runs if not r.label.startswith("stl:")]
-    tasks = data.task_names
-    paths: dict[str, Path] = {}
-    ranked = [r for r in rows if r.label != STL and r.delta_m.n > 0]
-    if ranked:
-        paths["delta_m"] = _delta_m_bars(plt, ranked, out / "delta_m.png", data.name)
-        if len(tasks) >= 3:
-            paths["relative_error"] = _relative_error_map(plt, data, rows, out)
-
-    cols = min(4, len(tasks))
-    rows_n = math.ceil(len(tasks) / cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols + 2.5, 3 * rows_n), squeeze=False)
-    for ax, task in zip(axes.flat, tasks, strict=False):
-        ax.set_prop_cycle(color=colors)
-        shown: list[float] = []
-        for run in methods:
-            epochs = [h["epoch"] for h in run.history]
-            values = [h["val_metric"][task] for h in run.history]
-            shown += values
-            style = "-" if _is_seed_method(run.label) else ":"
-            ax.plot(epochs, values, style, label=run.label, linewidth=1.2)
-        for run in runs:
-            if run.label == f"stl:{task}":
-                epochs = [h["epoch"] for h in run.history]
-                values = [h["val_metric"][task] for h in run.history]
-                shown += values
-                ax.plot(epochs, values, "k--", label="single-task", linewidth=1.5)
-        limits = robust_limits(shown)
-        if limits is not None:
-            ax.set_ylim(*limits)
-        ax.set_title(f"{task} ({data.task(task).metric_name}, validation)")
-        ax.set_xlabel("epoch")
-    for ax in list(axes.flat)[len(tasks) :]:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1 - 2.3 / (4 * cols + 2.5), 1))
-    paths["validation_curves"] = _save_fig(fig, out / "validation_curves.png")
-    plt.close(fig)
-
-    if methods:
-        cols = min(4, len(methods))
-        rows_n = math.ceil(len(methods) / cols)
-        fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3 * rows_n), squeeze=False)
-        for ax, run in zip(axes.flat, methods, strict=False):
-            ax.set_prop_cycle(color=colors)
-            epochs = [h["epoch"] for h in run.history]
-            for task in tasks:
-                ax.plot(epochs, [h["weights"][task] for h in run.history], label=task)
-            ax.set_title(f"{run.label}: mean task weight")
-            ax.set_xlabel("epoch")
-        for ax in list(axes.flat)[len(methods) :]:
-            ax.axis("off")
-        axes.flat[0].legend(fontsize=6)
-        fig.tight_layout()
-        paths["task_weights"] = _save_fig(fig, out / "task_weights.png")
-        plt.close(fig)
-
-    spread = [(run, _series(run, "r_spread")) for run in methods]
-    spread = [(run, series) for run, series in spread if series[0]]
-    if spread:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.set_prop_cycle(color=colors)
-        for run, (steps, values) in spread:
-            ax.plot(steps, values, label=run.label)
-        ax.set_title("spread of EMTL's r_t = L_t / ||g_t|| (std / mean over tasks)")
-        ax.set_xlabel("training step")
-        ax.set_ylabel("r_t spread")
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        paths["rt_spread"] = _save_fig(fig, out / "rt_spread.png")
-        plt.close(fig)
-
-    adatask = [r for r in methods if r.label.split(":")[0] == "adatask"]
-    adatask = [r for r in adatask if any(x["metric"] == "au_share" for x in r.records)]
-    if adatask:
-        fig, axes = plt.subplots(len(adatask), 2, figsize=(12, 4 * len(adatask)), squeeze=False)
-        for (bars, lines), run in zip(axes, adatask, strict=True):
-            _au_panels(bars, lines, run, tasks, colors)
-        fig.tight_layout()
-        paths["au_shares"] = _save_fig(fig, out / "au_shares.png")
-        plt.close(fig)
-    return paths
-
-
-def _delta_m_bars(plt: Any, rows: Sequence[Row], path: Path, name: str) -> Path:
-    """Horizontal bars of Delta m % (mean, error bar = std over seeds), best at the top; the
-    seed papers' methods in orange, the others in grey, EW's mean as a dashed line."""
-    order = sorted(rows, key=lambda r: r.delta_m.mean)
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(order) + 1.4))
-    colours = ["tab:orange" if _is_seed_method(r.label) else "tab:gray" for r in order]
-    ax.barh(
-        [r.label for r in order],
-        [r.delta_m.mean for r in order],
-        xerr=[r.delta_m.std if r.delta_m.n > 1 else 0.0 for r in order],
-        color=colours,
-        capsize=3,
-    )
-    ew = next((r for r in rows if r.label == "ew"), None)
-    if ew is not None:
-        ax.axvline(ew.delta_m.mean, color="k", linestyle="--", linewidth=1, label="EW")
-    ax.axvline(0, color="k", linewidth=0.8)
-    ax.invert_yaxis()
-    seeds = max(r.delta_m.n for r in rows)
-    ax.set_xlabel(f"Δm % vs single-task (lower is better; error bars: std over {seeds} seed(s))")
-    ax.set_title(f"{name}: Δm % (orange: IMTL, AdaTask, EMTL)")
-    fig.tight_layout()
-    saved = _save_fig(fig, path)
-    plt.close(fig)
-    return saved
-
-
-def _relative_error_map(plt: Any, data: Problem, rows: Sequence[Row], out: Path) -> Path:
-    """Methods x tasks heat map of the signed relative difference (%) of each test metric to
-    the single-task baseline's (mean over seeds; positive = worse, as in Delta m)."""
-    tasks = data.task_names
-    stl = next(r for r in rows if r.label == STL)
-    methods = [r for r in rows if r.label != STL]
-    sign = {t: -1.0 if data.task(t).higher_is_better else 1.0 for t in tasks}
-    values = [
-        [
-            sign[t] * (r.metrics[t].mean - stl.metrics[t].mean) / stl.metrics[t].mean * 100
-            for t in tasks
-        ]
-        for r in methods
-    ]
-    finite = [abs(v) for row in values for v in row if math.isfinite(v)]
-    limit = (robust_limits(finite) or (0.0, 1.0))[1]
-    fig, ax = plt.subplots(figsize=(0.7 * len(tasks) + 2.5, 0.35 * len(methods) + 1.5))
-    image = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
-    ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
-    ax.set_yticks(range(len(methods)), [r.label for r in methods])
-    for i, row in enumerate(values):
-        for j, value in enumerate(row):
-            if math.isfinite(value):
-                text = str(round(value)) if abs(value) >= 10 else f"{value:.1f}"
-                ax.text(j, i, text, ha="center", va="center", fontsize=6)
-    fig.colorbar(image, ax=ax, label="relative error vs single-task, % (positive = worse)")
-    ax.set_title(f"{data.name}: per-task relative error (test, mean over seeds)")
-    fig.tight_layout()
-    saved = _save_fig(fig, out / "relative_error.png")
-    plt.close(fig)
-    return saved
-
-
-def _series(run: RunResult, metric: str, **keys: Any) -> tuple[list[int], list[float]]:
-    chosen = [
-        r for r in run.records
-        if r["metric"] == metric and all(r.get(k) == v for k, v in keys.items())
-    ]  # fmt: skip
-    return [r["step"] for r in chosen], [r["value"] for r in chosen]
-
-
-def _au_panels(bars: Any, lines: Any, run: RunResult, tasks: Sequence[str], colors: Any) -> None:
-    """Left: each task's AU share of every shared layer at the last sample (stacked bars;
-    ``*``: all layers together). Right: each task's share of all layers over training."""
-    shares = [r for r in run.records if r["metric"] == "au_share"]
-    last = max(r["step"] for r in shares)
-    latest = {(r["layer"], r["task"]): r["value"] for r in shares if r["step"] == last}
-    layers = list(dict.fromkeys(layer for layer, _ in latest))
-    left = [0.0] * len(layers)
-    for i, task in enumerate(tasks):
-        heights = [latest.get((layer, task), 0.0) for layer in layers]
-        bars.barh(layers, heights, left=left, label=task, color=colors[i % len(colors)])
-        left = [a + b for a, b in zip(left, heights, strict=True)]
-    bars.set_xlim(0, 1)
-    bars.invert_yaxis()
-    bars.set_title(f"{run.label}: AU share per shared layer (step {last})")
-    for i, task in enumerate(tasks):
-        steps, values = _series(run, "au_share", layer="*", task=task)
-        lines.plot(steps, values, label=task, color=colors[i % len(colors)])
-    lines.set_title(f"{run.label}: AU share of all shared layers")
-    lines.set_xlabel("training step")
-    lines.legend(fontsize=6, ncol=2)
-
-
-def _save_fig(fig: Any, path: Path) -> Path:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    _atomic_write(path, buffer.getvalue())
-    return path

@@ -727,6 +727,7 @@ def _sharded_step(
     jacobian, update = _sharded_update(method, prepared, params)
     jacobian.accumulate(update.update)
     _backward_except(prepared, jacobian.leaves, retain_graph)
+    jacobian.release()
     return _finish(method, prepared, update)
 
 
@@ -863,6 +864,7 @@ def _sharded_task_gradients(
     norms = _norms(jacobian.gramian)
     _check_reachable(method, prepared.losses, norms, jacobian.leaves)
     _backward_except(prepared, jacobian.leaves, retain_graph)
+    jacobian.release()
     info = _finish(method, prepared, None)
     cosines = _cosines(jacobian.gramian, norms)
     record = StepInfo(info.tasks, info.losses, info.loss_weights, None, norms, cosines)

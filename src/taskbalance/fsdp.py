@@ -157,7 +157,8 @@ class ShardedJacobian:
     def __init__(self, outputs: Sequence[Tensor], params: Sequence[Tensor]) -> None:
         self.params = tuple(params)
         by_param = _fsdp_params(self.params)
-        self._fsdp = [by_param[id(p)] for p in self.params]
+        self._fsdp = [by_param[id(p)][0] for p in self.params]
+        self._groups = list({id(g): g for _, g in (by_param[id(p)] for p in self.params)}.values())
         self.leaves = tuple(fp._unsharded_param for fp in self._fsdp)
         group = self._fsdp[0].mesh_info.shard_process_group
         self._group = group
@@ -235,6 +236,17 @@ class ShardedJacobian:
         """``sum_t weights[t] g_t``, this rank's shard of it, per shared parameter."""
         return [None if b is None else weighted_rows(weights, b) for b in self.blocks]
 
+    def release(self) -> None:
+        """Reshard the shared units after the final backward, which at parameter level runs
+        into the heads only. Under a root unit that holds the heads, FSDP's end-of-backward
+        callback reshards every unit; without one (e.g. Lightning's ModelParallelStrategy,
+        where each head and the trunk are units of their own), nothing else would, and the
+        next forward would read the stale unsharded parameters instead of the updated
+        shards."""
+        for group in self._groups:
+            if group.is_unsharded and group.reshard_after_backward:
+                group.reshard()
+
     def as_dtensors(self, update: Sequence[Tensor | None]) -> list[Tensor | None]:
         """Each local shard as a sharded DTensor laid out like its parameter."""
         return [
@@ -253,12 +265,13 @@ class ShardedJacobian:
                 param.grad += grad
 
 
-def _fsdp_params(params: Sequence[Tensor]) -> dict[int, Any]:
-    """The FSDP2 parameter record of each sharded parameter, by ``id`` of the DTensor."""
+def _fsdp_params(params: Sequence[Tensor]) -> dict[int, tuple[Any, Any]]:
+    """The FSDP2 parameter record of each sharded parameter and its group, by ``id`` of the
+    DTensor."""
     found = {}
     for group in _param_groups():
         for fp in group.fsdp_params:
-            found[id(fp.sharded_param)] = fp
+            found[id(fp.sharded_param)] = (fp, group)
     missing = [i for i, p in enumerate(params) if id(p) not in found]
     if missing:
         raise ValueError(

@@ -161,15 +161,34 @@ DDP_CONFIGS: list[tuple[str | None, dict[str, Any], str]] = [
     ("mgda", {"level": "parameter"}, "sgd"),  # parameter level: the Jacobian is reduced
     ("imtl_l", {}, "sgd"),  # the method's own parameters, left out of DDP, averaged by it
     ("imtl_l", {}, "adatask"),  # AdaTask: the per-task gradients are reduced
+    ("imtl_g", {"level": "parameter"}, "sgd"),  # under FSDP2: the Jacobian reduce-scattered
 ]
 DDP_STEPS = 3
 
 
-def ddp_worker(rank: int, world_size: int, port: int, configs: list[int], out_file: str) -> None:
-    """One rank of a 2-process Lightning DDP run on CPU (gloo), launched from outside as
-    torchrun would: train the given DDP_CONFIGS entries on this rank's share of each batch, and let
-    rank 0 save the parameters."""
+class ShardedNet(Net):
+    """The module sharded with FSDP2 in ``configure_model``, as Lightning's ModelParallelStrategy
+    expects: the trunk and each head are ``fully_shard`` units (the training step calls them,
+    not the LightningModule's own forward)."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(self.trunk)
+        for head in self.heads:
+            fully_shard(head)
+
+
+def ddp_worker(
+    rank: int, world_size: int, port: int, configs: list[int], out_file: str, sharded: bool = False
+) -> None:
+    """One rank of a 2-process Lightning run on CPU (gloo), launched from outside as torchrun
+    would, with the DDP strategy or (``sharded``) ModelParallelStrategy's FSDP2: train the
+    given DDP_CONFIGS entries on this rank's share of each batch, and let rank 0 save the
+    (full) parameters."""
     import os
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
     from support.ranks import exit_now, set_torchrun_env
 
@@ -177,17 +196,18 @@ def ddp_worker(rank: int, world_size: int, port: int, configs: list[int], out_fi
     torch.set_num_threads(1)
     results = []
     for method, options, optimizer in (DDP_CONFIGS[index] for index in configs):
-        model = Net(method, options, optimizer)
+        model = (ShardedNet if sharded else Net)(method, options, optimizer)
+        strategy = ModelParallelStrategy(world_size, 1) if sharded else "ddp"
         fit = trainer(
             os.path.dirname(out_file),
             DDP_STEPS,
             logger=False,
-            strategy="ddp",
+            strategy=strategy,
             devices=world_size,
             use_distributed_sampler=False,  # Lightning's would shuffle
         )
         fit.fit(model, shard(rank, world_size, batch_size=8))
-        results.append(parameters(model))
+        results.append([getattr(p, "full_tensor", p.detach)().detach() for p in model.parameters()])
     if rank == 0:
         torch.save(results, out_file)
     torch.distributed.destroy_process_group()

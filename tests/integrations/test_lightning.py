@@ -176,9 +176,28 @@ def test_missing_lightning_names_the_extra(monkeypatch):
     ],
 )
 def test_two_ddp_ranks_equal_one_process_on_the_joined_batch(tmp_path, configs):
+    _check_two_ranks(tmp_path, configs, sharded=False)
+
+
+@pytest.mark.parametrize(
+    "configs",
+    [
+        # AdaTask's trunk is not in the final backward: it must still be resharded (release).
+        pytest.param([4, 3], id="imtl_g_parameter-adatask"),
+        pytest.param([0, 2], id="imtl_g_feature-imtl_l", marks=pytest.mark.slow),
+    ],
+)
+def test_two_fsdp2_ranks_under_model_parallel_strategy_equal_one_process(tmp_path, configs):
+    """Lightning's FSDP2 strategy (ModelParallelStrategy, which runs on CPU with gloo; its
+    FSDPStrategy is FSDP1 and needs a GPU) with the module sharded in configure_model."""
+    _check_two_ranks(tmp_path, configs, sharded=True)
+
+
+def _check_two_ranks(tmp_path, configs, sharded):
     port = free_port()
     out_file = tmp_path / "params.pt"
-    mp.spawn(lm.ddp_worker, args=(2, port, configs, str(out_file)), nprocs=2, join=True)
+    arguments = (2, port, configs, str(out_file), sharded)
+    mp.spawn(lm.ddp_worker, args=arguments, nprocs=2, join=True)
     for index, trained in zip(configs, torch.load(out_file), strict=True):
         reference = lm.Net(*lm.DDP_CONFIGS[index])
         lm.hand_loop(reference, lm.DDP_STEPS, batch_size=8)

@@ -138,14 +138,19 @@ def hand_loop(model, method, batch_size, accumulate=1, adatask=False, shared=Non
     return infos
 
 
-DDP_METHODS = ("imtl_g", "imtl_l")
+DDP_METHODS = (("imtl_g", {}), ("imtl_l", {}))
+FSDP_METHODS = (("imtl_g", {}), ("imtl_g", {"level": "parameter"}), ("imtl_l", {}))
+"""Under FSDP2: feature level (units held across the per-task passes), parameter level (the
+Jacobian reduce-scattered into the shards), loss level with the method's own parameters."""
 
 
-def ddp_worker(rank: int, world_size: int, port: int, folder: str) -> None:
-    """One rank of a 2-process DistributedDataParallel run on CPU (gloo), launched as torchrun
-    would: train with each of DDP_METHODS (in float64) and let rank 0 save the parameters.
-    Accelerate gives the ranks consecutive batches, so with a per-rank batch of 4 the ranks
-    together see each batch of 8 that the one-process loop sees."""
+def ddp_worker(rank: int, world_size: int, port: int, folder: str, sharded: bool = False) -> None:
+    """One rank of a 2-process run on CPU (gloo), launched as torchrun would, under
+    DistributedDataParallel or (``sharded``) FSDP2 through accelerate (each BertLayer and the
+    whole model a ``fully_shard`` unit): train with each of DDP_METHODS or FSDP_METHODS (in
+    float64) and let rank 0 save the (full) parameters. Accelerate gives the ranks consecutive
+    batches, so with a per-rank batch of 4 the ranks together see each batch of 8 that the
+    one-process loop sees."""
     import os
 
     from support.ranks import exit_now, set_torchrun_env
@@ -154,13 +159,21 @@ def ddp_worker(rank: int, world_size: int, port: int, folder: str) -> None:
     set_torchrun_env(rank, world_size, port)
     torch.set_num_threads(1)
     results = []
-    for name in DDP_METHODS:
+    for name, options in FSDP_METHODS if sharded else DDP_METHODS:
         model = tiny_model()
-        method = taskbalance.get_method(name, tasks=["score", "topic"]).double()
+        method = taskbalance.get_method(name, tasks=["score", "topic"], **options).double()
         args = arguments(folder, 8 // world_size)
         args.ddp_backend = "gloo"
-        MultiTaskTrainer(model=model, args=args, train_dataset=dataset(), method=method).train()
-        results.append([p.detach().clone() for p in [*model.parameters(), *method.parameters()]])
+        if sharded:
+            args.fsdp = "full_shard"
+            args.fsdp_config = {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]}
+        shared = "bert" if options.get("level") == "parameter" else None
+        trainer = MultiTaskTrainer(
+            model=model, args=args, train_dataset=dataset(), method=method, shared=shared
+        )
+        trainer.train()
+        trained = [*trainer.model.parameters(), *method.parameters()]
+        results.append([getattr(p, "full_tensor", p.detach)().detach().clone() for p in trained])
     if rank == 0:
         torch.save(results, os.path.join(folder, "params.pt"))
     torch.distributed.destroy_process_group()

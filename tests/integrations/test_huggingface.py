@@ -156,15 +156,17 @@ def test_missing_transformers_names_the_extra(monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_ddp_ranks_equal_one_process_on_the_joined_batch(tmp_path):
+@pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "fsdp2"])
+def test_two_ranks_equal_one_process_on_the_joined_batch(tmp_path, sharded):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    mp.spawn(hf_models.ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(hf_models.ddp_worker, args=(2, port, str(tmp_path), sharded), nprocs=2, join=True)
     results = torch.load(tmp_path / "params.pt")
-    for name, trained in zip(hf_models.DDP_METHODS, results, strict=True):
+    configs = hf_models.FSDP_METHODS if sharded else hf_models.DDP_METHODS
+    for (name, options), trained in zip(configs, results, strict=True):
         model = tiny_model()
-        method = taskbalance.get_method(name, tasks=["score", "topic"]).double()
+        method = taskbalance.get_method(name, tasks=["score", "topic"], **options).double()
         hand_loop(model, method, 8, shared=model.bert)
         expected = [*model.parameters(), *method.parameters()]
         for got, want in zip(trained, expected, strict=True):

@@ -123,10 +123,11 @@ class MultiTaskTrainer(Trainer):
         self._sums: dict[str, Tensor] = {}
         self._counts: dict[str, int] = {}
         super().__init__(*args, **kwargs)
-        if self.args.n_gpu > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        if self.args.n_gpu > 1 or self.is_deepspeed_enabled:
             raise NotImplementedError(
-                "MultiTaskTrainer supports one process or DistributedDataParallel, not "
-                "DataParallel (several GPUs in one process), DeepSpeed or FSDP"
+                "MultiTaskTrainer supports one process, DistributedDataParallel and FSDP2 "
+                "(fsdp_config={'fsdp_version': 2}), not DataParallel (several GPUs in one "
+                "process) or DeepSpeed"
             )
         self.method.to(self.args.device)
         self.add_callback(_ClearMethodGrads(self.method))

@@ -52,9 +52,11 @@ from torch.nn import functional as F
 
 from taskbalance.bench.benchmark import BenchConfig, load_bench_data
 from taskbalance.bench.data.types import MultiTaskData
+from taskbalance.bench.method_specs import parse_method_spec
 from taskbalance.bench.models import build_model
 from taskbalance.bench.protocols import Protocol, protocol
-from taskbalance.bench.runner import RunConfig, Runner, parse_method_spec
+from taskbalance.bench.run_config import RunConfig
+from taskbalance.bench.runner import Runner
 
 RESULTS = Path(__file__).parent / "results" / "epoch_overhead.json"
 REQUIREMENT = 1.1

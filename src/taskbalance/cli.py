@@ -97,7 +97,7 @@ several processes: torchrun --nproc_per_node 2 $(which taskbalance) bench ... tr
 
 
 def _method_spec(text: str):
-    from taskbalance.bench.runner import parse_method_spec
+    from taskbalance.bench.method_specs import parse_method_spec
 
     try:
         return parse_method_spec(text)
@@ -201,21 +201,8 @@ def _add_problem_options(bench: argparse.ArgumentParser, choices: dict) -> None:
     )
 
 
-def _add_training_options(bench: argparse.ArgumentParser, choices: dict) -> None:
-    """``taskbalance bench``'s options for how each run trains and is selected."""
-    bench.add_argument(
-        "--epochs",
-        type=_positive_int,
-        default=None,
-        help="epochs per run (default: the protocol's; quick 12, full 15, paper 10-30)",
-    )
-    bench.add_argument(
-        "--seeds",
-        type=_positive_int,
-        default=None,
-        help="number of seeds 0..N-1 (default: the protocol's; quick 1, full and paper 3)",
-    )
-    bench.add_argument("--batch-size", type=_positive_int, default=256, help="default 256")
+def _add_selection_options(bench: argparse.ArgumentParser, choices: dict) -> None:
+    """``taskbalance bench``'s options for the learning rates tried and how runs are selected."""
     bench.add_argument(
         "--lr",
         type=_positive_float,
@@ -251,6 +238,25 @@ def _add_training_options(bench: argparse.ArgumentParser, choices: dict) -> None
         action="store_true",
         help=f"shorthand for --lr-grid {','.join(f'{v:g}' for v in TUNE_GRID)}",
     )
+
+
+def _add_training_options(bench: argparse.ArgumentParser, choices: dict) -> None:
+    """``taskbalance bench``'s options for how each run trains (the learning rates and the
+    selection: :func:`_add_selection_options`)."""
+    bench.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=None,
+        help="epochs per run (default: the protocol's; quick 12, full 15, paper 10-30)",
+    )
+    bench.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=None,
+        help="number of seeds 0..N-1 (default: the protocol's; quick 1, full and paper 3)",
+    )
+    bench.add_argument("--batch-size", type=_positive_int, default=256, help="default 256")
+    _add_selection_options(bench, choices)
     bench.add_argument("--weight-decay", type=float, default=0.0, help="Adam L2 (default 0)")
     bench.add_argument(
         "--train-size",
@@ -286,9 +292,39 @@ def _add_training_options(bench: argparse.ArgumentParser, choices: dict) -> None
     )
 
 
+def _add_run_options(bench: argparse.ArgumentParser, choices: dict) -> None:
+    """``taskbalance bench``'s options for where the runs train and how they resume."""
+    bench.add_argument(
+        "--resume", action="store_true", help="continue from the checkpoints in the output folder"
+    )
+    bench.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="train N runs at a time in worker processes, each with --threads threads (the "
+        "numbers equal a serial run's; e.g. --jobs 2 on 2 cores; default 1)",
+    )
+    bench.add_argument(
+        "--executor",
+        choices=choices["executors"],
+        default="local",
+        help="local (default: this process, or --jobs worker processes) or ray: every run a "
+        "Ray task, on a local Ray instance or on the cluster at $RAY_ADDRESS, each with "
+        "--threads CPUs (the numbers equal a serial run's; needs taskbalance[ray])",
+    )
+    bench.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep each finished run's trained model, optimizer and method state in its "
+        "checkpoint (default: a finished run's checkpoint keeps only its result, which is all "
+        "--resume needs)",
+    )
+
+
 def _add_output_options(bench: argparse.ArgumentParser, choices: dict) -> None:
-    """``taskbalance bench``'s options for files (data cache, outputs), timing, resuming and
-    parallel runs."""
+    """``taskbalance bench``'s options for files (data cache, outputs), timing, the protocol,
+    where runs train and resume (:func:`_add_run_options`) and the console."""
     bench.add_argument(
         "--out",
         default=None,
@@ -336,32 +372,7 @@ def _add_output_options(bench: argparse.ArgumentParser, choices: dict) -> None:
         help="shorthand for --protocol full: every method, 20000 training rows, 15 epochs, "
         "3 seeds, lr grid 3e-3,1e-3 on seed 0",
     )
-    bench.add_argument(
-        "--resume", action="store_true", help="continue from the checkpoints in the output folder"
-    )
-    bench.add_argument(
-        "--jobs",
-        type=_positive_int,
-        default=1,
-        metavar="N",
-        help="train N runs at a time in worker processes, each with --threads threads (the "
-        "numbers equal a serial run's; e.g. --jobs 2 on 2 cores; default 1)",
-    )
-    bench.add_argument(
-        "--executor",
-        choices=choices["executors"],
-        default="local",
-        help="local (default: this process, or --jobs worker processes) or ray: every run a "
-        "Ray task, on a local Ray instance or on the cluster at $RAY_ADDRESS, each with "
-        "--threads CPUs (the numbers equal a serial run's; needs taskbalance[ray])",
-    )
-    bench.add_argument(
-        "--keep-checkpoints",
-        action="store_true",
-        help="keep each finished run's trained model, optimizer and method state in its "
-        "checkpoint (default: a finished run's checkpoint keeps only its result, which is all "
-        "--resume needs)",
-    )
+    _add_run_options(bench, choices)
     bench.add_argument(
         "-v",
         "--verbose",
@@ -583,7 +594,7 @@ def _run(config, problem, args, world, notes):
     import shlex
 
     from taskbalance.bench.benchmark import run_benchmark
-    from taskbalance.bench.runner import CheckpointMismatchError
+    from taskbalance.bench.checkpoints import CheckpointMismatchError
 
     launcher = (
         f"torchrun --nproc_per_node {world.size} $(which taskbalance)"

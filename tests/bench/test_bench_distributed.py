@@ -10,8 +10,10 @@ import torch.multiprocessing as mp
 
 from support.bench_ranks import spawn_worker
 from taskbalance.bench.data.types import MultiTaskData, Split, TaskSpec
+from taskbalance.bench.method_specs import parse_method_spec
 from taskbalance.bench.parallel import World, shard
-from taskbalance.bench.runner import RunConfig, Runner, parse_method_spec
+from taskbalance.bench.run_config import RunConfig
+from taskbalance.bench.runner import Runner
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
 

@@ -7,8 +7,9 @@ import pytest
 
 from support.datasets import tiny
 from taskbalance.bench.benchmark import BenchConfig, run_benchmark
+from taskbalance.bench.method_specs import MethodSpec
 from taskbalance.bench.plan import references
-from taskbalance.bench.runner import MethodSpec, RunResult
+from taskbalance.bench.run_config import RunResult
 
 LRS = [3e-2, 1e-3]
 

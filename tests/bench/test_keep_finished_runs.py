@@ -12,7 +12,7 @@ import torch
 
 from support.datasets import tiny
 from taskbalance.bench.benchmark import BenchConfig, run_benchmark
-from taskbalance.bench.runner import MethodSpec
+from taskbalance.bench.method_specs import MethodSpec
 
 SCRIPT = Path(__file__).parents[2] / "benchmarks" / "keep_finished_runs.py"
 

@@ -11,7 +11,7 @@ from taskbalance.bench import plots
 from taskbalance.bench.builtin import builtin_problem
 from taskbalance.bench.data.types import MultiTaskData, Split, TaskSpec
 from taskbalance.bench.report import Cell, Row
-from taskbalance.bench.runner import RunResult
+from taskbalance.bench.run_config import RunResult
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt

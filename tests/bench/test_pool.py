@@ -16,8 +16,10 @@ import torch
 
 from support.datasets import tiny
 from taskbalance.bench.benchmark import BenchConfig
+from taskbalance.bench.method_specs import MethodSpec
 from taskbalance.bench.pool import train_in_workers
-from taskbalance.bench.runner import MethodSpec, RunConfig, Runner
+from taskbalance.bench.run_config import RunConfig
+from taskbalance.bench.runner import Runner
 
 SMALL = {"hidden": 16, "tower": 8}
 
@@ -101,7 +103,7 @@ SCRIPT_HEAD = """
 import sys
 from support.datasets import tiny
 from taskbalance.bench.pool import train_in_workers
-from taskbalance.bench.runner import RunConfig
+from taskbalance.bench.run_config import RunConfig
 LONG = RunConfig(epochs=100_000, batch_size=16, model_options={"hidden": 4})
 """
 ORPHAN_SCRIPT = (

@@ -10,7 +10,7 @@ import torch
 
 from taskbalance.bench.benchmark import BenchConfig, run_benchmark
 from taskbalance.bench.examples import digit_domains_problem
-from taskbalance.bench.runner import MethodSpec
+from taskbalance.bench.method_specs import MethodSpec
 from taskbalance.cli import main
 
 WINE = "taskbalance.bench.examples:wine_problem"

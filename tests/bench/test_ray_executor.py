@@ -15,7 +15,7 @@ import pytest
 from support.datasets import tiny
 from taskbalance.bench.benchmark import BenchConfig, run_benchmark
 from taskbalance.bench.executor import RunFailedError, Stage, execute
-from taskbalance.bench.runner import MethodSpec
+from taskbalance.bench.method_specs import MethodSpec
 from taskbalance.cli import main
 
 #: The columns that hold wall-clock measurements: the only ones allowed to differ.

@@ -20,7 +20,7 @@ from taskbalance.bench.report import (
     summarize,
     write_outputs,
 )
-from taskbalance.bench.runner import RunResult
+from taskbalance.bench.run_config import RunResult
 
 
 def data() -> Problem:

@@ -8,15 +8,15 @@ import pickle
 import pytest
 import torch
 
-from taskbalance.bench.checkpoints import DamagedCheckpointWarning, save_checkpoint
-from taskbalance.bench.data.types import MultiTaskData, Split, TaskSpec
-from taskbalance.bench.runner import (
+from taskbalance.bench.checkpoints import (
     CheckpointMismatchError,
-    MethodSpec,
-    RunConfig,
-    Runner,
-    parse_method_spec,
+    DamagedCheckpointWarning,
+    save_checkpoint,
 )
+from taskbalance.bench.data.types import MultiTaskData, Split, TaskSpec
+from taskbalance.bench.method_specs import MethodSpec, parse_method_spec
+from taskbalance.bench.run_config import RunConfig
+from taskbalance.bench.runner import Runner
 from taskbalance.optim import AdaTaskAdam
 
 SMALL = {"hidden": 16, "tower": 8}

@@ -44,6 +44,7 @@ from taskbalance.bench.builtin import builtin_problem
 from taskbalance.bench.data import load_dataset
 from taskbalance.bench.data.types import MultiTaskData, split_indices
 from taskbalance.bench.determinism import make_deterministic
+from taskbalance.bench.method_specs import MethodSpec
 from taskbalance.bench.parallel import current_world
 from taskbalance.bench.plan import (
     baseline_plan,
@@ -58,7 +59,8 @@ from taskbalance.bench.plan import (
 )
 from taskbalance.bench.problem import Problem, TensorData, load_problem
 from taskbalance.bench.report import Row, format_table, summarize, write_outputs
-from taskbalance.bench.runner import MethodSpec, RunConfig, RunResult, time_steps
+from taskbalance.bench.run_config import RunConfig, RunResult
+from taskbalance.bench.runner import time_steps
 
 #: The epoch-selection rules of :attr:`BenchConfig.selection`.
 SELECTIONS: tuple[str, ...] = ("delta_m", "loss")
@@ -401,6 +403,26 @@ def _timing(
     )
 
 
+def resume_line(folder: Path) -> str:
+    """What ``--resume`` finds in the checkpoint ``folder``, in one line.
+
+    >>> resume_line(Path("/nowhere"))
+    '--resume: no checkpoints in /nowhere yet, every run starts'
+    """
+    found = len(list(folder.glob("*.pt")))
+    if found:
+        return f"resuming from {found} run checkpoint(s) in {folder}"
+    return f"--resume: no checkpoints in {folder} yet, every run starts"
+
+
+def _diagnostics_note(every: int) -> str:
+    """The report's note on the diagnostics sampled every ``every`` steps."""
+    return (
+        f"diagnostics sampled every {every} steps (diagnostics.csv): weights, EMTL's r_t where "
+        "the step forms per-task gradient norms (not loss-level methods), AdaTask's AU shares"
+    )
+
+
 def python_command(config: BenchConfig) -> str:
     """How a benchmark started from Python is named in its report's ``Command:`` line.
 
@@ -455,10 +477,7 @@ def run_benchmark(
     echo(f"{problem.name}: {rows_text(problem)} train / val / test, tasks "
          f"{', '.join(problem.task_names)}")  # fmt: skip
     if config.resume:
-        folder = out / "checkpoints"
-        found = len(list(folder.glob("*.pt")))
-        echo(f"resuming from {found} run checkpoint(s) in {folder}" if found
-             else f"--resume: no checkpoints in {folder} yet, every run starts")  # fmt: skip
+        echo(resume_line(out / "checkpoints"))
     grid_seeds = config.seeds[: config.grid_seeds or len(config.seeds)]
     per_label = len(config.lrs) * len(grid_seeds) + len(config.seeds) - len(grid_seeds)
     n_labels = len(config.methods) + (len(problem.task_names) if config.single_task else 0)
@@ -481,11 +500,7 @@ def run_benchmark(
     seconds = time.perf_counter() - began
     all_notes = [timed_note, *notes]
     if config.record_every > 0:
-        all_notes.append(
-            f"diagnostics sampled every {config.record_every} steps (diagnostics.csv): weights, "
-            "EMTL's r_t where the step forms per-task gradient norms (not loss-level methods), "
-            "AdaTask's AU shares"
-        )
+        all_notes.append(_diagnostics_note(config.record_every))
     files: dict[str, Path] = {}
     if world.main:
         setup = setup_fields(config, problem, grid_seeds, seconds)

@@ -26,9 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from taskbalance.bench.checkpoints import CheckpointMismatchError
 from taskbalance.bench.pool import train_in_workers
 from taskbalance.bench.problem import Problem
-from taskbalance.bench.runner import CheckpointMismatchError, RunConfig, Runner, RunResult
+from taskbalance.bench.run_config import RunConfig, RunResult
+from taskbalance.bench.runner import Runner
 
 #: Where :func:`execute` trains the runs: ``"local"`` (serially, or ``jobs`` at a time in
 #: worker processes) or ``"ray"`` (Ray tasks).

@@ -16,8 +16,9 @@ import statistics
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from taskbalance.bench.method_specs import MethodSpec, available_methods
 from taskbalance.bench.protocols import PAPER_METHODS
-from taskbalance.bench.runner import MethodSpec, RunConfig, RunResult, available_methods
+from taskbalance.bench.run_config import RunConfig, RunResult
 
 if TYPE_CHECKING:
     from taskbalance.bench.benchmark import BenchConfig

@@ -28,7 +28,7 @@ from typing import Any
 from taskbalance.bench.checkpoints import atomic_write
 from taskbalance.bench.problem import Problem
 from taskbalance.bench.report import STL, Row
-from taskbalance.bench.runner import RunResult
+from taskbalance.bench.run_config import RunResult
 
 #: The methods of the three seed papers (IMTL, AdaTask, EMTL), highlighted in the plots.
 SEED_METHODS = frozenset({"imtl_l", "imtl_g", "imtl", "emtl", "adatask"})

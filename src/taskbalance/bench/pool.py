@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from taskbalance.bench.data.types import MultiTaskData
-from taskbalance.bench.runner import RunConfig, Runner, RunResult
+from taskbalance.bench.run_config import RunConfig, RunResult
+from taskbalance.bench.runner import Runner
 
 #: What a worker holds between its runs: the data, the Runner options, the open log.
 _worker: dict[str, Any] = {}

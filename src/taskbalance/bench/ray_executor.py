@@ -34,9 +34,11 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from taskbalance.bench.checkpoints import CheckpointMismatchError
 from taskbalance.bench.determinism import make_deterministic
 from taskbalance.bench.problem import Problem
-from taskbalance.bench.runner import CheckpointMismatchError, RunConfig, Runner, RunResult
+from taskbalance.bench.run_config import RunConfig, RunResult
+from taskbalance.bench.runner import Runner
 
 if TYPE_CHECKING:
     from taskbalance.bench.executor import Runs, Stage

@@ -33,7 +33,7 @@ from typing import Any
 from taskbalance.bench.checkpoints import atomic_write
 from taskbalance.bench.metrics import delta_m
 from taskbalance.bench.problem import Problem
-from taskbalance.bench.runner import RunResult
+from taskbalance.bench.run_config import RunResult
 
 STL = "single-task"
 

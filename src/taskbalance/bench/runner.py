@@ -1,5 +1,10 @@
 """Train one (dataset, method, seed) run: the benchmark's training loop, selection and checkpoints.
 
+What a run is made of lives beside it: its config and result in
+:mod:`taskbalance.bench.run_config`, the method spec and how it becomes a method and an
+optimizer in :mod:`taskbalance.bench.method_specs`, the checkpoint files in
+:mod:`taskbalance.bench.checkpoints`.
+
 Protocol of one run (:class:`Runner`):
 
 * Problem: a :class:`taskbalance.bench.problem.Problem` (the data, the model factory, each
@@ -62,7 +67,6 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +86,8 @@ from taskbalance.bench.checkpoints import (
     set_aside,
 )
 from taskbalance.bench.data.types import MultiTaskData
-from taskbalance.bench.metrics import RegressionLoss, delta_m
+from taskbalance.bench.method_specs import MethodSpec, build_method, build_optimizer
+from taskbalance.bench.metrics import delta_m
 from taskbalance.bench.parallel import (
     World,
     barrier,
@@ -99,233 +104,12 @@ from taskbalance.bench.problem import (
     features,
     fetch,
     metric_value,
-    parse_value,
     rows,
     to_device,
 )
-from taskbalance.engine.requirement import Requirement
+from taskbalance.bench.run_config import RunConfig, RunResult
 from taskbalance.errors import NonFiniteLossError
 from taskbalance.methods.base import Method
-from taskbalance.methods.registry import get_method, hyperparameters, list_methods
-
-#: Pseudo-methods: names that are not registry methods but a method + optimizer pairing.
-PSEUDO_METHODS: dict[str, str] = {
-    "adatask": "EW (or base=NAME, a loss-level method) with the AdaTask Adam optimizer "
-    "(Yang et al., AAAI 2023)",
-}
-
-
-def available_methods() -> list[str]:
-    """Registry names plus the pseudo-methods available now (``adatask`` if its optimizer is
-    importable).
-
-    >>> "ew" in available_methods()
-    True
-    """
-    names = list_methods()
-    try:
-        import taskbalance.optim  # noqa: F401
-    except ImportError:
-        return names
-    return sorted([*names, *PSEUDO_METHODS])
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A method to benchmark: its name, hyperparameters and the label it gets in tables.
-
-    >>> parse_method_spec("imtl_g:level=parameter").options
-    {'level': 'parameter'}
-    """
-
-    name: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        """``name`` or ``name:key=value,...``: how the method appears in tables and files."""
-        if not self.options:
-            return self.name
-        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.options.items())
-
-
-def parse_method_spec(text: str) -> MethodSpec:
-    """Parse ``name`` or ``name:key=value,key=value`` and check it against the registry.
-
-    Values are read as int, float, true/false, none, or left as strings.
-
-    Raises:
-        ValueError: an unknown method (the message lists the valid names), an unknown
-            hyperparameter (lists the method's valid ones), a value the method refuses (names
-            the hyperparameter, the value and what is valid) or a malformed spec.
-
-    >>> parse_method_spec("cagrad:c=0.4,level=feature")
-    MethodSpec(name='cagrad', options={'c': 0.4, 'level': 'feature'})
-    >>> parse_method_spec("cagrad:c=abc")
-    Traceback (most recent call last):
-    ...
-    ValueError: cagrad:c=abc: c must be a number (default 0.5)
-    """
-    name, _, rest = text.partition(":")
-    name = name.strip()
-    valid = available_methods()
-    if name not in valid:
-        raise ValueError(f"unknown method {name!r}; valid: {', '.join(valid)}")
-    options: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(f"method spec {text!r}: expected key=value, got {item!r}")
-        options[key.strip()] = parse_value(value.strip())
-    allowed = ["base"] if name == "adatask" else [k for k in hyperparameters(name) if k != "tasks"]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"method {name!r} has no hyperparameter {', '.join(map(repr, unknown))}; "
-            f"valid: {', '.join(allowed) or 'none'}"
-        )
-    if name == "adatask":
-        base = options.get("base", "ew")
-        loss_level = [m for m in list_methods() if _is_loss_level(m)]
-        if base not in loss_level:
-            raise ValueError(
-                f"adatask:base={base}: base must be a loss-level method; valid: "
-                f"{', '.join(loss_level)}"
-            )
-    else:
-        _check_values(name, options)
-    return MethodSpec(name, options)
-
-
-def _check_values(name: str, options: Mapping[str, Any]) -> None:
-    """Refuse a value of the wrong kind (a number's default given a word) and any value the
-    method's own constructor refuses, with a message naming the method, the hyperparameter,
-    the value and what is valid: before any data is loaded or any run starts."""
-    defaults = hyperparameters(name)
-    for key, value in options.items():
-        default = defaults[key]
-        kinds = {bool: "true or false", int: "an integer", float: "a number"}
-        kind = type(default)
-        if kind in kinds and default is not None:
-            fits = isinstance(value, bool) if kind is bool else (
-                isinstance(value, int | float) and not isinstance(value, bool)
-                and (kind is float or isinstance(value, int))
-            )  # fmt: skip
-            if not fits:
-                raise ValueError(
-                    f"{name}:{key}={value}: {key} must be {kinds[kind]} (default {default!r})"
-                )
-    try:
-        get_method(name, tasks=2, **options)
-    except (TypeError, ValueError) as error:
-        shown = ",".join(f"{k}={v}" for k, v in options.items())
-        raise ValueError(f"{name}:{shown}: {error}") from None
-
-
-def _is_loss_level(name: str) -> bool:
-    from taskbalance.methods.registry import method_class
-
-    return method_class(name).requires is Requirement.LOSSES
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything that defines one run (and must match for a checkpoint to be resumed).
-
-    ``tasks=None`` trains all tasks; a single task name makes a single-task baseline (its method
-    is EW, and ``loss_scale`` does not apply: one loss has nothing to be balanced against).
-
-    >>> RunConfig(method=MethodSpec("ew"), epochs=2).label
-    'ew'
-    """
-
-    method: MethodSpec = field(default_factory=lambda: MethodSpec("ew"))
-    tasks: tuple[str, ...] | None = None
-    arch: str = "hps"
-    model_options: dict[str, int] = field(default_factory=dict)
-    epochs: int = 10
-    batch_size: int = 256
-    eval_batch_size: int = 4096
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    seed: int = 0
-    device: str = "cpu"
-    loss_scale: dict[str, float] = field(default_factory=dict)
-    regression_loss: RegressionLoss = "mse"
-    reference: dict[str, float] | None = None
-    """Validation metrics of the single-task baselines (same seed), per task: when given, epochs
-    are selected by the validation Delta m % against them, else by the mean validation loss."""
-
-    @property
-    def label(self) -> str:
-        """The method's label, or ``stl:<task>`` for a single-task baseline."""
-        if self.tasks is not None and len(self.tasks) == 1:
-            return f"stl:{self.tasks[0]}"
-        return self.method.label
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict (the form stored in checkpoints and results)."""
-        out = asdict(self)
-        out["method"] = {"name": self.method.name, "options": dict(self.method.options)}
-        out["tasks"] = None if self.tasks is None else list(self.tasks)
-        return out
-
-
-@dataclass
-class RunResult:
-    """What one run produced (JSON-able through :meth:`to_dict`).
-
-    Attributes:
-        config: the run's :meth:`RunConfig.to_dict`.
-        label: the method label (``stl:<task>`` for a single-task baseline).
-        tasks: the tasks trained.
-        history: one dict per epoch: ``epoch``, ``train_loss``/``val_loss``/``val_metric``
-            (per task), ``criterion`` (the selection criterion: validation Delta m % or mean
-            unscaled validation loss, see :attr:`RunConfig.reference`), ``weights`` (mean task
-            weights of the epoch), ``step_ms`` (median step time of the epoch).
-        best_epoch: the selected epoch (1-based; 0 if none).
-        val_metrics, test_metrics, test_losses: per task, at the selected epoch.
-        step_ms: median wall time of a training step over the run, in milliseconds.
-        status: ``"ok"`` or ``"diverged"``; diverged_epoch: the epoch it diverged at.
-        train_seconds: wall time spent in training steps.
-        records: the diagnostics recorder's tidy records (``step``, ``metric``, ``task``,
-            ``other``, ``layer``, ``value``; see :class:`taskbalance.Recorder`); empty when
-            nothing was recorded.
-    """
-
-    config: dict[str, Any]
-    label: str
-    tasks: list[str]
-    history: list[dict[str, Any]]
-    best_epoch: int
-    val_metrics: dict[str, float]
-    test_metrics: dict[str, float]
-    test_losses: dict[str, float]
-    step_ms: float
-    status: str
-    diverged_epoch: int | None
-    train_seconds: float
-    records: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RunResult:
-        """Rebuild a result from :meth:`to_dict`'s output."""
-        return cls(**dict(data))
-
-
-def _build_method(config: RunConfig, tasks: tuple[str, ...]) -> Method:
-    name, options = config.method.name, dict(config.method.options)
-    if config.tasks is not None and len(config.tasks) == 1:
-        name, options = "ew", {}
-    if name == "adatask":
-        name = options.pop("base", "ew")
-    if "seed" in hyperparameters(name) and "seed" not in options:
-        options["seed"] = config.seed
-    return get_method(name, tasks=list(tasks), **options)
 
 
 def _check_level(problem: Problem, method: Method, spec: MethodSpec) -> None:
@@ -366,38 +150,7 @@ def check_setup(
     torch.manual_seed(seed)
     check_model(problem.model(problem.task_names), problem)
     for spec in methods:
-        _check_level(problem, _build_method(RunConfig(method=spec), problem.task_names), spec)
-
-
-def _build_optimizer(
-    config: RunConfig, model: nn.Module, method: Method, tasks: Sequence[str]
-) -> torch.optim.Optimizer:
-    shared = list(model.trunk.parameters())
-    ids = {id(p) for p in shared}
-    others = [p for p in model.parameters() if id(p) not in ids]
-    method_group = method.param_group() if list(method.parameters()) else None
-    if config.method.name == "adatask" and len(tasks) > 1:
-        from taskbalance.optim import AdaTaskAdam
-
-        # Named parameters (torch wants every group named, or none): the AU diagnostic reports
-        # its shares per shared layer by these names.
-        named = dict(model.named_parameters())
-        names = {id(p): name for name, p in named.items()}
-        groups = [
-            {"params": shared, "shared": True, "param_names": [names[id(p)] for p in shared]},
-            {"params": others, "param_names": [names[id(p)] for p in others]},
-        ]
-        if method_group:
-            method_names = [f"method.{name}" for name, _ in method.named_parameters()]
-            groups.append({**method_group, "param_names": method_names})
-        return AdaTaskAdam(
-            groups,
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            decoupled_weight_decay=False,
-        )
-    groups = [{"params": [*shared, *others]}] + ([method_group] if method_group else [])
-    return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+        _check_level(problem, build_method(spec, problem.task_names, seed=0), spec)
 
 
 class Runner:
@@ -468,9 +221,15 @@ class Runner:
         self.model = check_model(problem.model(self.tasks), problem).to(
             device=self.device, dtype=dtype
         )
-        self.method = _build_method(config, self.tasks).to(device=self.device, dtype=dtype)
+        # A single-task baseline trains with EW: one loss has nothing to be balanced against.
+        single = config.tasks is not None and len(config.tasks) == 1
+        spec = MethodSpec("ew") if single else config.method
+        method = build_method(spec, self.tasks, config.seed)
+        self.method = method.to(device=self.device, dtype=dtype)
         _check_level(problem, self.method, config.method)
-        self.optimizer = _build_optimizer(config, self.model, self.method, self.tasks)
+        self.optimizer = build_optimizer(
+            spec, self.model, self.method, self.tasks, config.lr, config.weight_decay
+        )
         self.adatask = config.method.name == "adatask" and len(self.tasks) > 1
         self.forward: nn.Module = self.model
         if self.world.distributed:

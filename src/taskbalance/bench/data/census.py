@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -133,6 +134,48 @@ def _one_hot(codes: torch.Tensor, cardinalities: dict[str, int]) -> torch.Tensor
     return out
 
 
+def _split_frames(
+    train_df: pd.DataFrame, test_df: pd.DataFrame, val_from: str, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The train, val and test frames (see :func:`load_census_income`'s ``val_from``)."""
+    if val_from == "train":
+        n_val = len(train_df) // 10
+        keep, held = split_indices(len(train_df), (len(train_df) - n_val, n_val), seed)
+        return train_df.iloc[keep.sort().values.numpy()], train_df.iloc[held.numpy()], test_df
+    half = len(test_df) // 2
+    val_idx, test_idx = split_indices(len(test_df), (half, len(test_df) - half), seed)
+    return train_df, test_df.iloc[val_idx.numpy()], test_df.iloc[test_idx.numpy()]
+
+
+def _encode(
+    frames: Sequence[pd.DataFrame], categorical: Sequence[str], tasks: Sequence[str], encoding: str
+) -> tuple[list[Split], dict[str, int]]:
+    """The splits of ``frames`` (continuous columns standardised on the first, the training
+    frame; categories as seen there, index 0 for unseen ones, one-hot or as indices) and the
+    categorical cardinalities (empty when one-hot)."""
+    num = [torch.tensor(df[list(CONTINUOUS)].to_numpy(np.float32)) for df in frames]
+    num, _, _ = standardise(*num)
+    cats = {c: pd.Index(sorted(frames[0][c].astype(str).unique())) for c in categorical}
+    cardinalities = {c: len(v) + 1 for c, v in cats.items()}  # +1: index 0 is "unseen"
+    codes = [
+        torch.from_numpy(
+            np.stack([cats[c].get_indexer(df[c].astype(str)) + 1 for c in categorical], 1)
+        )
+        for df in frames
+    ]
+    labels = [_labels(df) for df in frames]
+    if encoding == "onehot":
+        splits = [
+            Split(torch.cat([n, _one_hot(c, cardinalities)], 1), {t: y[t] for t in tasks})
+            for n, c, y in zip(num, codes, labels, strict=True)
+        ]
+        return splits, {}
+    splits = [
+        Split(n, {t: y[t] for t in tasks}, c) for n, c, y in zip(num, codes, labels, strict=True)
+    ]
+    return splits, cardinalities
+
+
 def load_census_income(
     group: Literal[1, 2] = 1,
     *,
@@ -168,44 +211,14 @@ def load_census_income(
         raise ValueError(f"encoding must be 'onehot' or 'index', got {encoding!r}")
     if val_from not in ("test", "train"):
         raise ValueError(f"val_from must be 'test' or 'train', got {val_from!r}")
-    train_df, test_df = read_census_frames(root=root, cache_dir=cache_dir)
-    if val_from == "train":
-        n_val = len(train_df) // 10
-        keep, held = split_indices(len(train_df), (len(train_df) - n_val, n_val), seed)
-        frames = (train_df.iloc[keep.sort().values.numpy()], train_df.iloc[held.numpy()], test_df)
-    else:
-        half = len(test_df) // 2
-        val_idx, test_idx = split_indices(len(test_df), (half, len(test_df) - half), seed)
-        frames = (train_df, test_df.iloc[val_idx.numpy()], test_df.iloc[test_idx.numpy()])
+    frames = _split_frames(*read_census_frames(root=root, cache_dir=cache_dir), val_from, seed)
     tasks = GROUPS[group]
     # The income label is never an input: in group 2 it is neither a task nor a feature.
     dropped = {"instance_weight", "income", "marital_status"} | (
         {"education"} if group == 2 else set()
     )
     categorical = [c for c in COLUMNS if c not in dropped and c not in CONTINUOUS]
-
-    num = [torch.tensor(df[list(CONTINUOUS)].to_numpy(np.float32)) for df in frames]
-    num, _, _ = standardise(*num)
-    cats = {c: pd.Index(sorted(frames[0][c].astype(str).unique())) for c in categorical}
-    cardinalities = {c: len(v) + 1 for c, v in cats.items()}  # +1: index 0 is "unseen"
-    codes = [
-        torch.from_numpy(
-            np.stack([cats[c].get_indexer(df[c].astype(str)) + 1 for c in categorical], 1)
-        )
-        for df in frames
-    ]
-    labels = [_labels(df) for df in frames]
-    if encoding == "onehot":
-        splits = [
-            Split(torch.cat([n, _one_hot(c, cardinalities)], 1), {t: y[t] for t in tasks})
-            for n, c, y in zip(num, codes, labels, strict=True)
-        ]
-        cardinalities = {}
-    else:
-        splits = [
-            Split(n, {t: y[t] for t in tasks}, c)
-            for n, c, y in zip(num, codes, labels, strict=True)
-        ]
+    splits, cardinalities = _encode(frames, categorical, tasks, encoding)
     specs = tuple(TaskSpec(t, "binary", 1, "auc", True) for t in tasks)
     rates = ", ".join(f"{t} {float(splits[0].y[t].mean()):.1%}" for t in tasks)
     where = (

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from taskbalance.engine.jacobian import seed_one, weighted_rows
+from taskbalance.engine.jacobian import gramian, seed_one, weighted_rows
 
 
 def _dtensor_type() -> type | None:
@@ -165,7 +165,7 @@ class ShardedJacobian:
         self._world = dist.get_world_size(group)
         self._rank = dist.get_rank(group)
         self.blocks = self._collect(outputs)
-        local = self._local_gramian()
+        local = gramian(self.blocks, len(outputs))  # this rank's rows: a share of K
         dist.all_reduce(local, group=group)
         self.gramian = local
 
@@ -215,22 +215,6 @@ class ShardedJacobian:
             local = min(rows, max(shape[0] - self._rank * rows, 0))  # the last ranks' are short
             shards.append(part.reshape(rows, *shape[1:])[:local])
         return shards
-
-    def _local_gramian(self) -> Tensor:
-        num = None
-        total: Tensor | None = None
-        for block in self.blocks:
-            if block is None:
-                continue
-            num = block.shape[0]
-            rows = block.reshape(num, -1)
-            if rows.dtype in (torch.float16, torch.bfloat16):
-                rows = rows.float()
-            product = rows @ rows.T
-            total = product if total is None else total + product
-        if total is None:
-            raise ValueError("no task depends on any of the shared parameters")
-        return total
 
     def combine(self, weights: Tensor) -> list[Tensor | None]:
         """``sum_t weights[t] g_t``, this rank's shard of it, per shared parameter."""

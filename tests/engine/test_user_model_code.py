@@ -60,6 +60,17 @@ def _check_every_path(build) -> None:
         torch.testing.assert_close(_grads(params), expected, rtol=1e-10, atol=1e-12)
 
 
+def _embedding_trunk(embedding: nn.Embedding, linear: nn.Linear, tokens: Tensor):
+    """A builder of (losses, trainable params, shared module) for an embedding-bag trunk."""
+
+    def build():
+        z = torch.tanh(linear(embedding(tokens).mean(dim=1)))
+        params = [p for p in (*embedding.parameters(), *linear.parameters()) if p.requires_grad]
+        return _losses(z), params, nn.Sequential(embedding, linear)
+
+    return build
+
+
 def test_a_gradient_hook_on_a_shared_parameter_applies_on_every_path():
     torch.manual_seed(0)
     embedding, linear = nn.Embedding(10, 4).double(), nn.Linear(4, 3).double()
@@ -69,15 +80,7 @@ def test_a_gradient_hook_on_a_shared_parameter_applies_on_every_path():
     linear.weight.register_hook(lambda g: g * weight_mask)
     tokens = torch.randint(0, 10, (3, 2))
 
-    def build():
-        z = torch.tanh(linear(embedding(tokens).mean(dim=1)))
-        return (
-            _losses(z),
-            [*embedding.parameters(), *linear.parameters()],
-            nn.Sequential(embedding, linear),
-        )
-
-    _check_every_path(build)
+    _check_every_path(_embedding_trunk(embedding, linear, tokens))
 
 
 def test_post_accumulate_grad_hooks_of_shared_parameters_run_once_per_step():
@@ -115,16 +118,11 @@ def test_frozen_parameters_inside_the_shared_module_are_left_out():
     torch.manual_seed(2)
     embedding, linear = nn.Embedding(10, 4).double(), nn.Linear(4, 3).double()
     embedding.weight.requires_grad_(False)  # a frozen embedding, as in fine-tuning
-    trunk = nn.Sequential(embedding, linear)
     tokens = torch.randint(0, 10, (6, 2))
-
-    def build():
-        z = torch.tanh(linear(embedding(tokens).mean(dim=1)))
-        return _losses(z), list(linear.parameters()), trunk
-
+    build = _embedding_trunk(embedding, linear, tokens)
     _check_every_path(build)
     assert embedding.weight.grad is None
-    losses, _, _ = build()
+    losses, _, trunk = build()
     grads, _ = IMTLG(level="parameter").gradients(losses, shared=trunk)
     assert grads[0] is None and grads[1].shape == (3, 4)  # one entry per listed parameter
 
@@ -136,14 +134,7 @@ def test_sparse_embeddings_get_a_sparse_update_on_the_looked_up_rows(padding_idx
     linear = nn.Linear(4, 3).double()
     tokens = torch.tensor([[0, 3], [3, 7], [0, 1]])
 
-    def build():
-        z = torch.tanh(linear(embedding(tokens).mean(dim=1)))
-        return (
-            _losses(z),
-            [*embedding.parameters(), *linear.parameters()],
-            nn.Sequential(embedding, linear),
-        )
-
+    build = _embedding_trunk(embedding, linear, tokens)
     losses, params, shared = build()
     _, expected = _reference(losses, params)
     for path in ("auto", "layerwise"):

@@ -209,3 +209,13 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def test_lightnings_deepspeed_strategy_is_refused_in_one_line():
+    from taskbalance.integrations.lightning import refuse_deepspeed_strategy
+
+    class DeepSpeedStrategy:  # Lightning's needs CUDA: its name and place are what count
+        pass
+
+    with pytest.raises(ValueError, match="does not run under Lightning's DeepSpeed strategy"):
+        refuse_deepspeed_strategy(type("Subclass", (DeepSpeedStrategy,), {})())

@@ -76,6 +76,21 @@ if TYPE_CHECKING:
 __all__ = ["MultiTaskMixin"]
 
 
+def refuse_deepspeed_strategy(strategy: object) -> None:
+    """One line instead of a crash in DeepSpeed's reduction: Lightning's DeepSpeed strategy
+    calls ``engine.backward`` itself, which a multi-task step replaces.
+
+    >>> refuse_deepspeed_strategy(object())
+    """
+    if any(cls.__name__ == "DeepSpeedStrategy" for cls in type(strategy).__mro__):
+        raise ValueError(
+            "MultiTaskMixin does not run under Lightning's DeepSpeed strategy (it calls "
+            "engine.backward, which the method's step replaces); use ModelParallelStrategy "
+            "(FSDP2) or DDP, or a plain DeepSpeed loop with "
+            "taskbalance.integrations.deepspeed.backward"
+        )
+
+
 def _lightning_module_types() -> tuple[type, ...]:
     """``LightningModule`` of each installed namespace (``lightning.pytorch``,
     ``pytorch_lightning``): the mixin works with either."""
@@ -258,6 +273,7 @@ class MultiTaskMixin:
         self, pending: _Pending, derivative: float, options: dict[str, Any]
     ) -> StepInfo:
         trainer = self.trainer  # type: ignore[attr-defined]
+        refuse_deepspeed_strategy(trainer.strategy)
         optimizers = trainer.optimizers
         adatask = [opt for opt in optimizers if isinstance(opt, AdaTaskOptimizer)]
         method = self._method(required=not adatask)

@@ -28,6 +28,7 @@ as of torch 2.6-2.13; the tests in tests/test_fsdp.py pin the behaviour on 2 glo
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -40,7 +41,9 @@ from torch import Tensor
 from taskbalance.engine.jacobian import gramian, seed_one, weighted_rows
 
 
+@functools.cache
 def _dtensor_type() -> type | None:
+    """DTensor, looked up once (the import statement costs about 30 us per step)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a torch without DTensor: nothing can be sharded

@@ -217,7 +217,7 @@ def test_with_a_reference_the_selected_epoch_minimises_the_validation_delta_m():
 
 
 def test_a_reference_that_misses_a_task_is_refused_with_the_tasks_named():
-    expected = r"per task \['small', 'large', 'flag'\], got \['large', 'small'\]"
+    expected = r"per metric \['small', 'large', 'flag'\], got \['large', 'small'\]"
     with pytest.raises(ValueError, match=expected):
         Runner(synthetic(), config(reference={"small": 1.0, "large": 1.0}), progress=False)
 

@@ -13,7 +13,8 @@ Delta m % (Maninis et al. 2019; Vandenhende et al. 2021; the form used by Nash-M
 
     Delta m = (1 / K) sum_k (-1)^{h_k} (M_k - B_k) / B_k * 100
 
-over the K task metrics, ``h_k = 1`` when higher is better, ``B_k`` the single-task baseline's
+over the K metrics of all tasks (one per task, or several for a task scored by several
+metrics: NYUv2's nine), ``h_k = 1`` when higher is better, ``B_k`` the single-task baseline's
 value under the same protocol and seed. Lower is better; negative beats single-task learning.
 
 Training losses (:func:`task_loss`): cross-entropy (multiclass), BCE with logits averaged over
@@ -151,8 +152,10 @@ def delta_m(
 ) -> float:
     """Delta m % of ``metrics`` against ``baseline`` (lower is better; see the module docstring).
 
-    The three mappings are keyed by task. Raises ``ValueError`` naming the task for a zero or
-    non-finite baseline value or a task missing from a mapping.
+    The three mappings are keyed by metric: a task's name, or ``task/metric`` for each metric
+    of a task that has several (:attr:`taskbalance.bench.problem.Task.metric_keys`). Raises
+    ``ValueError`` naming the key for a zero or non-finite baseline value or a key missing from
+    a mapping.
 
     >>> delta_m({"acc": 0.9, "mae": 1.0}, {"acc": 0.8, "mae": 2.0}, {"acc": True, "mae": False})
     -31.25

@@ -182,7 +182,7 @@ def in_table_order(runs: Sequence[RunResult], methods: Sequence[MethodSpec]) -> 
 
 
 def references(baselines: Sequence[RunResult]) -> dict[int, dict[str, float] | None]:
-    """Per seed, the selected single-task runs' validation metrics ``{task: value}``: the
+    """Per seed, the selected single-task runs' validation metrics ``{metric key: value}``: the
     reference of the methods' validation Delta m. ``None`` for a seed where a baseline has no
     selected epoch (it diverged): that seed's methods fall back to the mean validation loss."""
     out: dict[int, dict[str, float] | None] = {}

@@ -103,7 +103,7 @@ def write_plots(
     ranked = [r for r in rows if r.label != STL and r.delta_m.n > 0]
     if ranked:
         figures["delta_m"] = _delta_m_bars(plt, ranked, data.name)
-        if len(data.task_names) >= 3:
+        if len(data.metric_keys) >= 3:
             figures["relative_error"] = _relative_error_map(plt, data, rows)
     if methods:
         figures["task_weights"] = _task_weights(plt, data.task_names, methods)
@@ -160,10 +160,10 @@ def _delta_m_bars(plt: Any, rows: Sequence[Row], name: str) -> Any:
 def _relative_error_map(plt: Any, data: Problem, rows: Sequence[Row]) -> Any:
     """Methods x tasks heat map of the signed relative difference (%) of each test metric to
     the single-task baseline's (mean over seeds; positive = worse, as in Delta m)."""
-    tasks = data.task_names
+    tasks = data.metric_keys
     stl = next(r for r in rows if r.label == STL)
     methods = [r for r in rows if r.label != STL]
-    sign = {t: -1.0 if data.task(t).higher_is_better else 1.0 for t in tasks}
+    sign = {t: -1.0 if higher else 1.0 for t, higher in data.directions.items()}
     values = [
         [
             sign[t] * (r.metrics[t].mean - stl.metrics[t].mean) / stl.metrics[t].mean * 100
@@ -219,26 +219,28 @@ def _validation_curves(plt: Any, data: Problem, runs: Sequence[RunResult], seed:
     methods = [r for r in runs if not r.label.startswith("stl:")]
     shown = [r for r in methods if _is_seed_method(r.label) or r.label == "ew"]
     colour = {r.label: plt.get_cmap("tab10").colors[i % 10] for i, r in enumerate(shown)}
-    fig, axes = _panels(plt, len(data.task_names), 4.0, 3.0)
+    fig, axes = _panels(plt, len(data.metric_keys), 4.0, 3.0)
     legend: dict[str, Any] = {}
-    for ax, task in zip(axes, data.task_names, strict=True):
+    for ax, key in zip(axes, data.metric_keys, strict=True):
+        task = data.metric_task(key)
+        metric = dict(zip(task.metric_keys, task.metric_names, strict=True))[key]
         values: list[float] = []
         for run in sorted(methods, key=lambda r: r.label in colour):  # highlighted ones on top
-            epochs, curve = _curve(run, "val_metric", task)
+            epochs, curve = _curve(run, "val_metric", key)
             values += curve
             if run.label in colour:
                 ax.plot(epochs, curve, color=colour[run.label], linewidth=1.8, label=run.label)
             else:
                 ax.plot(epochs, curve, color="0.72", linewidth=0.9, label="other methods")
         for run in runs:
-            if run.label == f"stl:{task}":
-                epochs, curve = _curve(run, "val_metric", task)
+            if run.label == f"stl:{task.name}":
+                epochs, curve = _curve(run, "val_metric", key)
                 values += curve
                 ax.plot(epochs, curve, "k--", linewidth=1.5, label="single-task")
         limits = robust_limits(values)
         if limits is not None:
             ax.set_ylim(*limits)
-        ax.set_title(f"{task} ({data.task(task).metric_name}, validation)")
+        ax.set_title(f"{task.name} ({metric}, validation)")
         _epochs_axis(ax)
         legend.update(zip(ax.get_legend_handles_labels()[1], ax.get_legend_handles_labels()[0],
                           strict=True))  # fmt: skip

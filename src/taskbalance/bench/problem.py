@@ -43,6 +43,12 @@ The API in short (docs/problems.md has a complete example)::
     nothing is kept per batch, and the validation loss is the mean of the batch losses
     weighted by their rows.
 
+  **Several metrics per task** (NYUv2's normals: mean and median angle, three threshold
+  shares): give ``higher_is_better`` as ``{metric: bool}``; ``metric`` (callable or
+  ``compute()``) then returns ``{metric: number}`` with exactly those names. Results, tables
+  and Delta m key such a task's values ``"task/metric"`` (:attr:`Task.metric_keys`); a task
+  with one metric keeps the key ``"task"``. Delta m averages over every metric of every task.
+
 Errors in a problem (two tasks with one name, a missing data set, a model without ``trunk``)
 are one line naming what is wrong, raised by :func:`check_problem` before anything trains.
 """
@@ -142,22 +148,66 @@ class Task:
         metric: a callable ``metric(outputs, targets) -> float`` over the whole split, or an
             :class:`Accumulator` (e.g. a ``torchmetrics`` metric) copied fresh for every
             evaluation; see the module docstring.
-        higher_is_better: whether a larger metric is better.
-        metric_name: the metric's name in tables and files (e.g. ``"mae"``).
-        unit: the metric's unit, shown in the table header (optional).
+        higher_is_better: whether a larger metric is better; or, for a task scored by several
+            metrics, ``{metric: bool}`` in table order (``metric`` then computes ``{metric:
+            number}`` with those names).
+        metric_name: the metric's name in tables and files (e.g. ``"mae"``) when there is one.
+        unit: the metric's unit, shown in the table header (optional; one metric only).
 
     >>> from torch.nn import functional as F
     >>> t = Task("y", F.mse_loss, lambda out, y: float((out - y).abs().mean()), False, "mae")
     >>> acc = t.accumulator(); acc.update(torch.zeros(2), torch.ones(2)); acc.compute()
     1.0
+    >>> two = Task("y", F.mse_loss, lambda o, y: {}, {"mae": False, "r2": True})
+    >>> two.metric_keys, two.values({"mae": 1.0, "r2": 0.5})
+    (('y/mae', 'y/r2'), {'y/mae': 1.0, 'y/r2': 0.5})
     """
 
     name: str
     loss: Callable[[Any, Any], Tensor]
-    metric: Callable[[Any, Any], float | Tensor] | Accumulator
-    higher_is_better: bool
+    metric: Callable[[Any, Any], float | Tensor | Mapping[str, float]] | Accumulator
+    higher_is_better: bool | Mapping[str, bool]
     metric_name: str = "metric"
     unit: str = ""
+
+    @property
+    def multi_metric(self) -> bool:
+        """Whether the task reports several named metrics (``higher_is_better`` a mapping)."""
+        return isinstance(self.higher_is_better, Mapping)
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The names of the task's metrics, in table order."""
+        if isinstance(self.higher_is_better, Mapping):
+            return tuple(self.higher_is_better)
+        return (self.metric_name,)
+
+    @property
+    def metric_keys(self) -> tuple[str, ...]:
+        """The keys of the task's values in results: ``name``, or ``name/metric`` per metric
+        of a multi-metric task."""
+        if not self.multi_metric:
+            return (self.name,)
+        return tuple(f"{self.name}/{m}" for m in self.metric_names)
+
+    @property
+    def directions(self) -> dict[str, bool]:
+        """``{key: higher_is_better}`` over :attr:`metric_keys`."""
+        if isinstance(self.higher_is_better, Mapping):
+            return dict(zip(self.metric_keys, self.higher_is_better.values(), strict=True))
+        return {self.name: self.higher_is_better}
+
+    def values(self, computed: Any) -> dict[str, float]:
+        """The metric's computed value(s) keyed by :attr:`metric_keys`. A multi-metric task
+        must compute a mapping with exactly its metric names (else a one-line ``ValueError``)."""
+        if not self.multi_metric:
+            return {self.name: metric_value(computed)}
+        names = self.metric_names
+        if not isinstance(computed, Mapping) or set(computed) != set(names):
+            got = sorted(computed) if isinstance(computed, Mapping) else type(computed).__name__
+            raise ValueError(f"task {self.name!r}: metric must compute {{metric: value}} for "
+                             f"{list(names)}, got {got}")  # fmt: skip
+        return {k: metric_value(computed[m]) for k, m in zip(self.metric_keys, names, strict=True)}
 
     @property
     def accumulates(self) -> bool:
@@ -243,6 +293,32 @@ class Problem:
     def task_names(self) -> tuple[str, ...]:
         """The task names, in order."""
         return tuple(t.name for t in self.tasks)
+
+    @property
+    def metric_keys(self) -> tuple[str, ...]:
+        """Every task's :attr:`Task.metric_keys`, in order: the columns of the table and the
+        terms of Delta m."""
+        return tuple(k for t in self.tasks for k in t.metric_keys)
+
+    @property
+    def directions(self) -> dict[str, bool]:
+        """``{metric key: higher_is_better}`` over :attr:`metric_keys`."""
+        return {k: v for t in self.tasks for k, v in t.directions.items()}
+
+    def metric_task(self, key: str) -> Task:
+        """The :class:`Task` whose value is stored under the metric key ``key``."""
+        for task in self.tasks:
+            if key in task.metric_keys:
+                return task
+        raise KeyError(f"no metric {key!r}; metrics are {self.metric_keys}")
+
+    def metric_label(self, key: str) -> str:
+        """``key`` as tables and plots name it: ``"task metric"`` (with the unit in brackets
+        for a single-metric task that has one)."""
+        task = self.metric_task(key)
+        if task.multi_metric:
+            return key.replace("/", " ", 1)
+        return f"{task.name} {task.metric_name}" + (f" [{task.unit}]" if task.unit else "")
 
     @property
     def multi_input(self) -> bool:
@@ -351,6 +427,11 @@ def check_problem(problem: Any) -> Problem:
             raise _problem_error(
                 problem, f"task {task.name!r}: metric is neither callable nor an accumulator"
             )
+        if task.multi_metric and not task.metric_names:
+            raise _problem_error(problem, f"task {task.name!r}: higher_is_better names no metric")
+    keys = problem.metric_keys
+    if len(set(keys)) != len(keys):
+        raise _problem_error(problem, f"metric keys repeat: {list(keys)}")
     if not callable(problem.model):
         raise _problem_error(problem, "model must be a callable model(tasks) -> nn.Module")
     for split in ("train", "val", "test"):

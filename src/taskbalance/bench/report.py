@@ -3,9 +3,11 @@
 :func:`summarize` turns the selected runs (one per method and seed, plus the single-task
 baselines) into :class:`Row` objects:
 
-* per task: the test metric's mean and standard deviation over seeds (sample std, ``n - 1``;
-  0 for one seed);
-* Delta m % per seed against the single-task baselines of the SAME seed, then mean and std;
+* per metric key (:attr:`~taskbalance.bench.problem.Task.metric_keys`: one per task, or one
+  per metric of a task scored by several): the test value's mean and standard
+  deviation over seeds (sample std, ``n - 1``; 0 for one seed);
+* Delta m % (over every metric of every task) per seed against the single-task baselines of
+  the SAME seed, then mean and std;
 * time per step: the median over seeds of each run's median step time, and its ratio to EW's;
 * a mark per cell versus EW: ``+`` (better) or ``-`` (worse) when ``|mean - mean_EW|`` exceeds
   ``std + std_EW`` (the two mean +- std intervals do not overlap). With one seed there is no
@@ -32,7 +34,7 @@ from typing import Any
 
 from taskbalance.bench.checkpoints import atomic_write
 from taskbalance.bench.metrics import delta_m
-from taskbalance.bench.problem import Problem
+from taskbalance.bench.problem import Problem, Task
 from taskbalance.bench.run_config import RunResult
 
 STL = "single-task"
@@ -131,8 +133,8 @@ def summarize(
     >>> [(r.label, r.delta_m.mean) for r in rows]
     [('single-task', 0.0), ('ew', -50.0)]
     """
-    tasks = data.task_names
-    hib = {t: data.task(t).higher_is_better for t in tasks}
+    tasks = data.metric_keys
+    hib = data.directions
     baselines = stl_metrics(runs)
     groups: dict[str, list[RunResult]] = {}
     for run in runs:
@@ -195,7 +197,7 @@ def _row(
 
 
 def format_table(data: Problem, rows: Sequence[Row], digits: int = 4) -> str:
-    """The table as Markdown: one column per task metric, Delta m %, ms/step, time vs EW.
+    """The table as Markdown: one column per metric key, Delta m %, ms/step, time vs EW.
 
     >>> from taskbalance.bench.builtin import builtin_problem
     >>> from taskbalance.bench.data.types import MultiTaskData, Split, TaskSpec
@@ -208,15 +210,12 @@ def format_table(data: Problem, rows: Sequence[Row], digits: int = 4) -> str:
     | ew | 1 | -5 | 2.00 | 1.00 | 0.001 | ok |
     """
     header = ["method"]
-    for t in data.task_names:
-        spec = data.task(t)
-        arrow = "↑" if spec.higher_is_better else "↓"
-        unit = f" [{spec.unit}]" if spec.unit else ""
-        header.append(f"{t} {spec.metric_name}{unit} {arrow}")
+    for key, higher in data.directions.items():
+        header.append(f"{data.metric_label(key)} {'↑' if higher else '↓'}")
     header += ["Δm % ↓", "ms/step", "time / EW", "lr", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row.label, *(row.metrics[t].text(digits) for t in data.task_names)]
+        cells = [row.label, *(row.metrics[k].text(digits) for k in data.metric_keys)]
         cells.append(row.delta_m.text(3))
         cells.append(f"{row.step_ms:.2f}" if math.isfinite(row.step_ms) else "-")
         cells.append(f"{row.time_ratio:.2f}" if math.isfinite(row.time_ratio) else "-")
@@ -242,6 +241,23 @@ DELTA_M_FORMULA = (
     "test metric on task t, B_t the single-task baseline's (same seed), s_t = +1 where lower "
     "is better and -1 where higher is better."
 )
+#: The same for a problem with a task scored by several metrics (every metric is a term).
+DELTA_M_FORMULA_METRICS = (
+    "Δm % = (100 / K) · Σ_k s_k · (M_k - B_k) / |B_k| over the K metrics of all tasks (every "
+    "column of the table): M_k is the method's test value of metric k, B_k the single-task "
+    "baseline's (same seed, the model of that metric's task), s_k = +1 where lower is better "
+    "and -1 where higher is better."
+)
+
+
+def delta_m_formula(data: Problem) -> str:
+    """:data:`DELTA_M_FORMULA_METRICS` when a task of ``data`` has several metrics, else
+    :data:`DELTA_M_FORMULA`."""
+    return DELTA_M_FORMULA_METRICS if _by_metric(data) else DELTA_M_FORMULA
+
+
+def _by_metric(data: Problem) -> bool:
+    return any(t.multi_metric for t in data.tasks)
 
 
 def seed_delta_m(
@@ -250,18 +266,17 @@ def seed_delta_m(
     """``run``'s test Delta m % against the single-task ``baselines`` of its seed
     (:func:`stl_metrics`); ``None`` for a single-task run or when a task has no value."""
     base = baselines.get(run.config["seed"])
-    tasks = set(data.task_names)
     if run.label.startswith("stl:") or base is None:
         return None
-    if not set(run.test_metrics) == set(base) == tasks:
+    if not set(run.test_metrics) == set(base) == set(data.metric_keys):
         return None
-    return delta_m(run.test_metrics, base, {t: data.task(t).higher_is_better for t in tasks})
+    return delta_m(run.test_metrics, base, data.directions)
 
 
 def delta_m_example(data: Problem, selected: Sequence[RunResult]) -> str:
-    """:data:`DELTA_M_FORMULA` worked through on one selected run (EW's first seed, else the
-    first method with a Delta m): each task's term, then their mean, which is that run's Delta m.
-    Empty when no run has one.
+    """:func:`delta_m_formula` worked through on one selected run (EW's first seed, else the
+    first method with a Delta m): each metric's term, then their mean, which is that run's
+    Delta m. Empty when no run has one.
 
     >>> from taskbalance.bench.builtin import builtin_problem
     >>> from taskbalance.bench.data.types import MultiTaskData, Split, TaskSpec
@@ -287,14 +302,15 @@ def delta_m_example(data: Problem, selected: Sequence[RunResult]) -> str:
     run = min(ranked, key=lambda r: (r.label != "ew", r.config["seed"]))
     base = baselines[run.config["seed"]]
     terms = []
-    for t in data.task_names:
-        value, reference, higher = run.test_metrics[t], base[t], data.task(t).higher_is_better
+    for t, higher in data.directions.items():
+        value, reference = run.test_metrics[t], base[t]
         term = delta_m({t: value}, {t: reference}, {t: higher})
         terms.append(f"{t} {'-' if higher else ''}100 · ({value:.4g} - {reference:.4g}) / "
                      f"{abs(reference):.4g} = {term:+.4g}")  # fmt: skip
     total = seed_delta_m(data, run, baselines)
+    n = f"{len(terms)} {'metrics' if _by_metric(data) else 'tasks'}"
     return (f"Example ({run.label}, seed {run.config['seed']}): {'; '.join(terms)}; mean over "
-            f"the {len(terms)} tasks: Δm = {total:+.4g} % (results.csv: delta_m_pct).")  # fmt: skip
+            f"the {n}: Δm = {total:+.4g} % (results.csv: delta_m_pct).")  # fmt: skip
 
 
 #: Pairs of methods whose numbers are identical by construction, and why.
@@ -348,9 +364,10 @@ RESULTS_COLUMNS = ("method", "seed", "lr", "selected", "task", "metric", "split"
 def results_rows(
     data: Problem, runs: Sequence[RunResult], selected: Sequence[RunResult]
 ) -> list[dict[str, Any]]:
-    """``results.csv``'s long-format rows: one per run (method, seed, lr), task and split of a
-    metric (``selected`` marks the runs at the learning rate chosen on validation), then one
-    Delta m row (task ``"*"``, metric ``delta_m_pct``) per selected method run and seed."""
+    """``results.csv``'s long-format rows: one per run (method, seed, lr), task, metric (each
+    of a task's metrics when it has several) and split (``selected`` marks the runs at the
+    learning rate chosen on validation), then one Delta m row (task ``"*"``, metric
+    ``delta_m_pct``) per selected method run and seed."""
     chosen = {id(r) for r in selected}
 
     def base(run: RunResult) -> dict[str, Any]:
@@ -359,11 +376,12 @@ def results_rows(
                 "status": run.status, "step_ms": run.step_ms}  # fmt: skip
 
     out = [
-        {**base(run), "task": t, "metric": data.task(t).metric_name, "split": split, "value": v[t]}
+        {**base(run), "task": t, "metric": m, "split": split, "value": v[k]}
         for run in runs
         for t in run.tasks
+        for k, m in zip(data.task(t).metric_keys, data.task(t).metric_names, strict=True)
         for split, v in (("val", run.val_metrics), ("test", run.test_metrics))
-        if t in v
+        if k in v
     ]
     baselines = stl_metrics(selected)
     for run in selected:
@@ -420,8 +438,7 @@ def write_outputs(
         "command": command,
         "setup": dict(setup or {}),
         "dataset": {"name": data.name, "description": data.description, "licence": data.licence,
-                    "tasks": [{"name": t.name, "metric": t.metric_name, "unit": t.unit,
-                               "higher_is_better": t.higher_is_better} for t in data.tasks]},
+                    "tasks": [_task_dict(t) for t in data.tasks]},
         "notes": list(notes),
         "table": [_row_dict(r) for r in rows],
         # The diagnostics records go to diagnostics.csv: thousands of rows per run.
@@ -478,7 +495,7 @@ def report_text(
         "",
         LEGEND,
         "",
-        DELTA_M_FORMULA,
+        delta_m_formula(data),
         *(["", example] if example else []),
         "",
         *(f"- {n}" for n in notes),
@@ -501,6 +518,14 @@ def _write_csv(path: Path, fields: Sequence[str], rows: Sequence[dict[str, Any]]
     writer.writeheader()
     writer.writerows(rows)
     _atomic_write(path, buffer.getvalue().encode())
+
+
+def _task_dict(task: Task) -> dict[str, Any]:
+    if task.multi_metric:
+        return {"name": task.name, "metric": list(task.metric_names), "unit": task.unit,
+                "higher_is_better": dict(task.higher_is_better)}  # fmt: skip
+    return {"name": task.name, "metric": task.metric_name, "unit": task.unit,
+            "higher_is_better": task.higher_is_better}  # fmt: skip
 
 
 def _row_dict(row: Row) -> dict[str, Any]:

@@ -42,8 +42,9 @@ class RunConfig:
     loss_scale: dict[str, float] = field(default_factory=dict)
     regression_loss: RegressionLoss = "mse"
     reference: dict[str, float] | None = None
-    """Validation metrics of the single-task baselines (same seed), per task: when given, epochs
-    are selected by the validation Delta m % against them, else by the mean validation loss."""
+    """Validation metrics of the single-task baselines (same seed), per metric key: when given,
+    epochs are selected by the validation Delta m % against them, else by the mean validation
+    loss."""
 
     @property
     def label(self) -> str:
@@ -73,7 +74,9 @@ class RunResult:
             unscaled validation loss, see :attr:`RunConfig.reference`), ``weights`` (mean task
             weights of the epoch), ``step_ms`` (median step time of the epoch).
         best_epoch: the selected epoch (1-based; 0 if none).
-        val_metrics, test_metrics, test_losses: per task, at the selected epoch.
+        val_metrics, test_metrics: per metric key (the task's name, or ``task/metric`` for a
+            task with several metrics: :attr:`~taskbalance.bench.problem.Task.metric_keys`),
+            at the selected epoch; test_losses: per task.
         step_ms: median wall time of a training step over the run, in milliseconds.
         status: ``"ok"`` or ``"diverged"``; diverged_epoch: the epoch it diverged at.
         train_seconds: wall time spent in training steps.

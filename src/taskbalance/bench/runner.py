@@ -33,7 +33,8 @@ Protocol of one run (:class:`Runner`):
 * Selection: after each epoch, a validation criterion; the epoch with the lowest value is the
   selected one and its model state is kept. With ``config.reference`` (the single-task
   baselines' validation metrics of the same seed) the criterion is the validation Delta m %
-  against them, the quantity the table reports; without it (single-task runs, or no
+  against them over every metric of every task (a multi-metric task contributes each of its
+  metrics), the quantity the table reports; without it (single-task runs, or no
   baselines) the mean over tasks of the UNSCALED validation losses. Test metrics are computed
   once, at the end, on that state: the test split never influences anything.
 * Time per step: wall time of forward + losses + method backward + optimizer step, per step; the
@@ -209,6 +210,8 @@ class Runner:
         self.world: World = current_world()
         self.tasks: tuple[str, ...] = config.tasks or problem.task_names
         self.specs = {t: problem.task(t) for t in self.tasks}
+        self.directions = {k: v for t in self.tasks for k, v in self.specs[t].directions.items()}
+        """``{metric key: higher_is_better}`` of the trained tasks' metrics."""
         self._check(problem, config)
         self.scale = (
             {}
@@ -293,9 +296,9 @@ class Runner:
                 f"loss_scale names unknown task(s) {unknown}; tasks: "
                 f"{', '.join(problem.task_names)}"
             )
-        if config.reference is not None and set(config.reference) != set(self.tasks):
+        if config.reference is not None and set(config.reference) != set(self.directions):
             raise ValueError(
-                f"reference must give one validation metric per task {list(self.tasks)}, "
+                f"reference must give one validation value per metric {list(self.directions)}, "
                 f"got {sorted(config.reference)}"
             )
         if problem.multi_input and self.world.distributed:
@@ -507,8 +510,9 @@ class Runner:
 
     @torch.no_grad()
     def evaluate(self, split: str) -> tuple[dict[str, float], dict[str, float]]:
-        """Unscaled losses and metrics per task on ``split`` (``"val"`` or ``"test"``), in
-        evaluation mode; no metric when a loss is not finite.
+        """Unscaled losses per task and metrics per metric key (:attr:`Task.metric_keys`)
+        on ``split`` (``"val"`` or ``"test"``), in evaluation mode; no metric when a loss is
+        not finite.
 
         Under several ranks every rank evaluates the whole split and rank 0's numbers are
         returned everywhere, so that all ranks select and stop alike.
@@ -536,7 +540,8 @@ class Runner:
         if not all(math.isfinite(v) for v in losses.values()):
             return losses, {}
         try:
-            metrics = {t: metric_value(a.compute()) for t, a in metric_acc.items()}
+            metrics = {k: v for t, a in metric_acc.items()
+                       for k, v in self.specs[t].values(a.compute()).items()}  # fmt: skip
         except ValueError as error:
             raise ValueError(f"{self.problem.name}, {split} split: {error}") from None
         return losses, metrics
@@ -609,8 +614,7 @@ class Runner:
         reference = self.config.reference
         if reference is None:
             return _mean(losses)
-        higher = {t: self.specs[t].higher_is_better for t in self.tasks}
-        return delta_m(metrics, reference, higher)
+        return delta_m(metrics, reference, self.directions)
 
     def _finish(self) -> RunResult:
         test_metrics: dict[str, float] = {}

@@ -6,7 +6,12 @@ import csv
 import pytest
 
 from support.dense_files import write_scenes
+from taskbalance.bench.dense.metrics import METRICS
 from taskbalance.cli import main
+
+#: The nine NYUv2 metrics of the papers' tables.
+NINE = {"miou", "pixel_acc", "abs_err", "rel_err", "mean", "median", "within_11.25",
+        "within_22.5", "within_30"}  # fmt: skip
 
 TINY = ["--epochs", "1", "--batch-size", "16", "--timing-rounds", "0", "--record-every", "0",
         "--no-progress"]  # fmt: skip
@@ -26,7 +31,9 @@ def test_the_dense_multi_mnist_benchmark_runs_through_taskbalance_bench(tmp_path
     assert {r["method"] for r in found} == {
         "stl:segmentation", "stl:depth", "stl:normal", "ew", "imtl"
     }  # fmt: skip
-    assert {r["metric"] for r in found} == {"miou", "abs_err", "mean", "delta_m_pct"}
+    assert {r["metric"] for r in found} == {*NINE, "delta_m_pct"}
+    delta = [r for r in found if r["metric"] == "delta_m_pct"]
+    assert {r["method"] for r in delta} == {"ew", "imtl"} and len(delta) == 2
     assert "SYNTHETIC GEOMETRY" in (tmp_path / "report.md").read_text(encoding="utf-8")
 
 
@@ -36,7 +43,8 @@ def test_nyuv2_runs_through_taskbalance_bench_on_files_in_the_real_layout(tmp_pa
     argv = ["bench", "--problem", "nyuv2", f"root={root}", "widths=4,8", "convs=1,1",
             "--methods", "ew", "--no-single-task", "--out", str(out), *TINY]  # fmt: skip
     assert main(argv) == 0
-    assert {r["metric"] for r in rows(out)} == {"miou", "abs_err", "mean"}
+    assert {(r["task"], r["metric"]) for r in rows(out)} == {
+        (task, m) for task, names in METRICS.items() for m in names}  # fmt: skip
 
 
 @pytest.mark.parametrize("argv, says", [

@@ -34,6 +34,8 @@ is dropped by accident.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -258,3 +260,18 @@ def normal_loss(output: Tensor, target: Tensor) -> Tensor:
         return output.sum() * 0.0
     unit = F.normalize(output, dim=1)
     return 1.0 - (unit * target).sum(1)[valid].mean()
+
+
+#: Per kind of dense target, its per-pixel loss.
+LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "segmentation": segmentation_loss,
+    "depth": depth_loss,
+    "normal": normal_loss,
+}
+#: Per kind of dense target, the names its accumulator's ``compute()`` returns, in the papers'
+#: column order (NYUv2: 2 + 2 + 5 = the nine of the tables; Cityscapes: 2 + 2).
+METRICS: dict[str, tuple[str, ...]] = {
+    "segmentation": ("miou", "pixel_acc"),
+    "depth": ("abs_err", "rel_err"),
+    "normal": ("mean", "median", *(f"within_{t:g}" for t in NORMAL_THRESHOLDS)),
+}

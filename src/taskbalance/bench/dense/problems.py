@@ -6,12 +6,11 @@
     taskbalance bench --problem taskbalance.bench.dense.problems:dense_multi_mnist
 
 Per task (:func:`dense_tasks`): the per-pixel loss of :mod:`.metrics` (cross-entropy over
-labelled pixels, L1 on valid depths, 1 - cos on valid normals) and an accumulated metric. The
-harness scores one number per task, so each task reports its headline metric
-(:data:`HEADLINE`: mIoU, absolute depth error, mean normal angle error) and Delta m is taken
-over those three (or two). The other standard metrics (pixel accuracy; relative error; median
-angle and the three threshold shares) are computed by the same accumulators
-(:func:`full_metric`) but not yet reported by the harness.
+labelled pixels, L1 on valid depths, 1 - cos on valid normals) and every standard metric of its
+kind (:data:`~taskbalance.bench.dense.metrics.METRICS`: mIoU and pixel accuracy; absolute and
+relative depth error; mean and median angle and the shares within 11.25, 22.5 and 30 degrees),
+so the table has the papers' columns (nine on NYUv2, four on Cityscapes) and Delta m is taken
+over all of them, as in the papers.
 
 Model options (``KEY=VALUE`` after the entry point, or keyword arguments): ``arch``
 (``segnet`` or ``deeplab``) and the options of
@@ -23,86 +22,50 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 from taskbalance.bench.problem import Problem, Task
 
+from . import metrics
 from .digits import load_dense_multi_mnist
-from .metrics import (
-    HIGHER_IS_BETTER,
-    DepthMetric,
-    NormalMetric,
-    SegmentationMetric,
-    depth_loss,
-    normal_loss,
-    segmentation_loss,
-)
 from .models import build_dense_model
 from .scenes import DenseData, DenseTarget, load_cityscapes, load_nyuv2
 
-#: The metric each kind of task reports to the harness (one number per task).
-HEADLINE: dict[str, str] = {"segmentation": "miou", "depth": "abs_err", "normal": "mean"}
-_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "segmentation": segmentation_loss,
-    "depth": depth_loss,
-    "normal": normal_loss,
-}
 _TUPLE_OPTIONS = ("widths", "convs", "layers", "rates")
 #: The small SegNet the dense MultiMNIST trains by default (2 CPU cores).
 SMALL_SEGNET = {"widths": (16, 32, 64, 64), "convs": (1, 1, 1, 1)}
 
 
-def full_metric(target: DenseTarget) -> SegmentationMetric | DepthMetric | NormalMetric:
+def full_metric(
+    target: DenseTarget,
+) -> metrics.SegmentationMetric | metrics.DepthMetric | metrics.NormalMetric:
     """A fresh accumulator of every standard metric of ``target``'s kind.
 
     >>> full_metric(DenseTarget("depth", "depth", 1)).__class__.__name__
     'DepthMetric'
     """
     if target.kind == "segmentation":
-        return SegmentationMetric(target.channels)
-    return DepthMetric() if target.kind == "depth" else NormalMetric()
-
-
-class Headline:
-    """An accumulator that reports one value (``key``) of a dense metric's ``compute()``.
-
-    >>> import torch
-    >>> m = Headline(DepthMetric(), "rel_err")
-    >>> m.update(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0])); m.compute()
-    0.5
-    """
-
-    def __init__(self, metric: SegmentationMetric | DepthMetric | NormalMetric, key: str) -> None:
-        self.metric = metric
-        self.key = key
-
-    def update(self, output: Tensor, target: Tensor) -> None:
-        """Pass the batch to the metric."""
-        self.metric.update(output, target)
-
-    def compute(self) -> float:
-        """The metric's ``key`` value over every batch so far."""
-        return self.metric.compute()[self.key]
+        return metrics.SegmentationMetric(target.channels)
+    return metrics.DepthMetric() if target.kind == "depth" else metrics.NormalMetric()
 
 
 def dense_tasks(targets: tuple[DenseTarget, ...]) -> tuple[Task, ...]:
     """One :class:`~taskbalance.bench.problem.Task` per dense target: its per-pixel loss and
-    its headline metric (:data:`HEADLINE`), with that metric's direction.
+    every standard metric of its kind (:data:`~taskbalance.bench.dense.metrics.METRICS`), each
+    with its direction.
 
-    >>> [(t.name, t.metric_name, t.higher_is_better) for t in dense_tasks(
-    ...     (DenseTarget("seg", "segmentation", 13), DenseTarget("depth", "depth", 1)))]
-    [('seg', 'miou', True), ('depth', 'abs_err', False)]
+    >>> [t.directions for t in dense_tasks((DenseTarget("depth", "depth", 1),))]
+    [{'depth/abs_err': False, 'depth/rel_err': False}]
     """
     return tuple(
         Task(
             t.name,
-            _LOSSES[t.kind],
-            Headline(full_metric(t), HEADLINE[t.kind]),
-            HIGHER_IS_BETTER[HEADLINE[t.kind]],
-            HEADLINE[t.kind],
+            metrics.LOSSES[t.kind],
+            full_metric(t),
+            {m: metrics.HIGHER_IS_BETTER[m] for m in metrics.METRICS[t.kind]},
         )
         for t in targets
     )
@@ -141,8 +104,9 @@ def dense_problem(
 ) -> Problem:
     """``data`` as a :class:`~taskbalance.bench.problem.Problem` trained with the dense model
     ``arch`` (see the module docstring). Everything in it pickles (worker processes receive
-    it whole). The fingerprint is a digest of the name, the targets and the data's
-    description (which names the sizes, the resolution and the seed).
+    it whole). The fingerprint is a digest of the name, the targets, the data's description
+    (which names the sizes, the resolution and the seed) and the metric keys the results
+    hold.
 
     >>> import torch
     >>> from taskbalance.bench.problem import TensorData
@@ -156,10 +120,12 @@ def dense_problem(
     options = _options(model_options or {})
     outputs = {t.name: t.channels for t in data.targets}
     build_dense_model(arch, outputs, data.in_channels, options)  # bad options fail here, once
-    digest = hashlib.sha256(repr((data.name, data.targets, data.description)).encode())
+    tasks = dense_tasks(data.targets)
+    keys = [k for t in tasks for k in t.metric_keys]  # a checkpoint's results hold these
+    digest = hashlib.sha256(repr((data.name, data.targets, data.description, keys)).encode())
     return Problem(
         name=data.name,
-        tasks=dense_tasks(data.targets),
+        tasks=tasks,
         train=data.train,
         val=data.val,
         test=data.test,

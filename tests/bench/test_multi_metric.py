@@ -50,6 +50,7 @@ def test_a_multi_metric_task_keys_its_values_by_task_and_metric():
     assert p.metric_keys == ("a/mae", "a/within", "b")
     assert p.directions == {"a/mae": False, "a/within": True, "b": False}
     assert p.metric_label("a/within") == "a within" and p.metric_task("a/mae").name == "a"
+    assert p.tasks[0].metric_of("a/within") == "within" and p.tasks[1].metric_of("b") == "mae"
 
 
 @pytest.mark.parametrize("computed", [{"mae": 1.0}, 0.5])

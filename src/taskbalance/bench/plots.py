@@ -223,7 +223,6 @@ def _validation_curves(plt: Any, data: Problem, runs: Sequence[RunResult], seed:
     legend: dict[str, Any] = {}
     for ax, key in zip(axes, data.metric_keys, strict=True):
         task = data.metric_task(key)
-        metric = dict(zip(task.metric_keys, task.metric_names, strict=True))[key]
         values: list[float] = []
         for run in sorted(methods, key=lambda r: r.label in colour):  # highlighted ones on top
             epochs, curve = _curve(run, "val_metric", key)
@@ -240,7 +239,7 @@ def _validation_curves(plt: Any, data: Problem, runs: Sequence[RunResult], seed:
         limits = robust_limits(values)
         if limits is not None:
             ax.set_ylim(*limits)
-        ax.set_title(f"{task.name} ({metric}, validation)")
+        ax.set_title(f"{task.name} ({task.metric_of(key)}, validation)")
         _epochs_axis(ax)
         legend.update(zip(ax.get_legend_handles_labels()[1], ax.get_legend_handles_labels()[0],
                           strict=True))  # fmt: skip

@@ -197,6 +197,10 @@ class Task:
             return dict(zip(self.metric_keys, self.higher_is_better.values(), strict=True))
         return {self.name: self.higher_is_better}
 
+    def metric_of(self, key: str) -> str:
+        """The name of the metric stored under ``key`` (one of :attr:`metric_keys`)."""
+        return dict(zip(self.metric_keys, self.metric_names, strict=True))[key]
+
     def values(self, computed: Any) -> dict[str, float]:
         """The metric's computed value(s) keyed by :attr:`metric_keys`. A multi-metric task
         must compute a mapping with exactly its metric names (else a one-line ``ValueError``)."""
@@ -316,9 +320,8 @@ class Problem:
         """``key`` as tables and plots name it: ``"task metric"`` (with the unit in brackets
         for a single-metric task that has one)."""
         task = self.metric_task(key)
-        if task.multi_metric:
-            return key.replace("/", " ", 1)
-        return f"{task.name} {task.metric_name}" + (f" [{task.unit}]" if task.unit else "")
+        unit = f" [{task.unit}]" if task.unit and not task.multi_metric else ""
+        return f"{task.name} {task.metric_of(key)}{unit}"
 
     @property
     def multi_input(self) -> bool:

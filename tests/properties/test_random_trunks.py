@@ -5,6 +5,7 @@ covers (Linear, ``x @ W``, addmm, Conv2d with stride / dilation / padding, Embed
 padding index or sparse gradients, LayerNorm, BatchNorm, GroupNorm) and of what ordinary model
 code adds to them: a layer applied twice, a per-feature scale no rule covers, gradient hooks
 on parameters, tensor hooks on intermediate outputs (gradient reversal, clamping, scaling),
+module backward hooks and pre-hooks,
 frozen parameters, tasks that read their own sub-batch, float32 or float64, T in {1, 2, 5}.
 
 The reference is plain autograd, task by task: ``g_t = torch.autograd.grad(L_t, params)`` (hooks
@@ -72,6 +73,9 @@ class Trunk(nn.Module):
         for param in params:
             if param.requires_grad and rng.random() < 0.15:
                 _hook_parameter(param, rng)
+        for module in self.layers:
+            if isinstance(module, nn.Linear) and rng.random() < 0.2:
+                _hook_module(module, rng)
 
     def _add(self, step: str, module: nn.Module | None = None) -> None:
         if module is not None:
@@ -173,6 +177,17 @@ def _hook_parameter(param: Tensor, rng: random.Random) -> None:
         torch.rand(param.shape, generator=torch.Generator().manual_seed(rng.randint(0, 99))) > 0.4
     ).to(param.dtype)
     param.register_hook(lambda g: g * mask)
+
+
+def _hook_module(module: nn.Module, rng: random.Random) -> None:
+    """A module backward hook: one that rewrites the gradient w.r.t. the module's input, or a
+    pre-hook that clamps the gradient arriving at its output."""
+    if rng.random() < 0.5:
+        module.register_full_backward_hook(lambda _m, grad_in, _out: (-2.0 * grad_in[0],))
+    else:
+        module.register_full_backward_pre_hook(
+            lambda _m, grad_out: (grad_out[0].clamp(-0.05, 0.05),)
+        )
 
 
 @dataclass
@@ -345,6 +360,7 @@ def test_the_generator_covers_what_it_claims():
             count(step, step in steps)
         count("tensor hook", bool(trunk.tensor_hooks))
         count("parameter hook", any(p._backward_hooks for p in trunk.parameters()))
+        count("module hook", any(m._backward_hooks or m._backward_pre_hooks for m in modules))
         count("frozen", any(not p.requires_grad for p in trunk.parameters()))
         count("sub-batches", case.rows[0] != slice(None))
         count("float32", trunk.dtype == torch.float32)

@@ -75,9 +75,13 @@ def dataset() -> list[dict[str, torch.Tensor]]:
     ]
 
 
-def arguments(folder, batch_size: int, accumulate: int = 1) -> TrainingArguments:
-    """SGD at a constant rate, no clipping, the data in order, a log entry every step."""
+def arguments(
+    folder, batch_size: int, accumulate: int = 1, deepspeed: dict | None = None
+) -> TrainingArguments:
+    """SGD at a constant rate, no clipping, the data in order, a log entry every step (under
+    DeepSpeed with ``deepspeed``, its config)."""
     return TrainingArguments(
+        deepspeed=deepspeed,
         output_dir=str(folder),
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=accumulate,
@@ -142,13 +146,23 @@ DDP_METHODS = (("imtl_g", {}), ("imtl_l", {}))
 FSDP_METHODS = (("imtl_g", {}), ("imtl_g", {"level": "parameter"}), ("imtl_l", {}))
 """Under FSDP2: feature level (units held across the per-task passes), parameter level (the
 Jacobian reduce-scattered into the shards), loss level with the method's own parameters."""
+DEEPSPEED_METHODS = (("ew", {}), ("imtl_g", {}), ("imtl_g", {"level": "parameter"}))
+"""Under DeepSpeed ZeRO-2 (the method's own parameters would not be in DeepSpeed's optimizer)."""
+METHODS = {"ddp": DDP_METHODS, "fsdp2": FSDP_METHODS, "deepspeed": DEEPSPEED_METHODS}
+ZERO2 = {
+    "train_micro_batch_size_per_gpu": 4,
+    "gradient_accumulation_steps": 1,
+    "zero_optimization": {"stage": 2},
+    "gradient_clipping": 0.0,
+    "zero_allow_untested_optimizer": True,
+}
 
 
-def ddp_worker(rank: int, world_size: int, port: int, folder: str, sharded: bool = False) -> None:
+def ddp_worker(rank: int, world_size: int, port: int, folder: str, mode: str = "ddp") -> None:
     """One rank of a 2-process run on CPU (gloo), launched as torchrun would, under
-    DistributedDataParallel or (``sharded``) FSDP2 through accelerate (each BertLayer and the
-    whole model a ``fully_shard`` unit): train with each of DDP_METHODS or FSDP_METHODS (in
-    float64) and let rank 0 save the (full) parameters. Accelerate gives the ranks consecutive
+    DistributedDataParallel, FSDP2 through accelerate (each BertLayer and the whole model a
+    ``fully_shard`` unit) or DeepSpeed ZeRO-2: train with each of ``METHODS[mode]`` (in float64)
+    and let rank 0 save the (full) parameters. Accelerate gives the ranks consecutive
     batches, so with a per-rank batch of 4 the ranks together see each batch of 8 that the
     one-process loop sees."""
     import os
@@ -159,12 +173,12 @@ def ddp_worker(rank: int, world_size: int, port: int, folder: str, sharded: bool
     set_torchrun_env(rank, world_size, port)
     torch.set_num_threads(1)
     results = []
-    for name, options in FSDP_METHODS if sharded else DDP_METHODS:
+    for name, options in METHODS[mode]:
         model = tiny_model()
         method = taskbalance.get_method(name, tasks=["score", "topic"], **options).double()
-        args = arguments(folder, 8 // world_size)
+        args = arguments(folder, 8 // world_size, deepspeed=ZERO2 if mode == "deepspeed" else None)
         args.ddp_backend = "gloo"
-        if sharded:
+        if mode == "fsdp2":
             args.fsdp = "full_shard"
             args.fsdp_config = {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]}
         shared = "bert" if options.get("level") == "parameter" else None

@@ -43,6 +43,7 @@ from taskbalance.integrations.common import (
     missing_extra,
     step_metrics,
 )
+from taskbalance.integrations.deepspeed import backward as deepspeed_backward
 from taskbalance.methods.base import Method
 from taskbalance.methods.ew import EW
 from taskbalance.optim.adatask import AdaTaskOptimizer
@@ -123,11 +124,11 @@ class MultiTaskTrainer(Trainer):
         self._sums: dict[str, Tensor] = {}
         self._counts: dict[str, int] = {}
         super().__init__(*args, **kwargs)
-        if self.args.n_gpu > 1 or self.is_deepspeed_enabled:
+        if self.args.n_gpu > 1:
             raise NotImplementedError(
-                "MultiTaskTrainer supports one process, DistributedDataParallel and FSDP2 "
-                "(fsdp_config={'fsdp_version': 2}), not DataParallel (several GPUs in one "
-                "process) or DeepSpeed"
+                "MultiTaskTrainer supports one process, DistributedDataParallel, FSDP2 "
+                "(fsdp_config={'fsdp_version': 2}) and DeepSpeed ZeRO-1/2, not DataParallel "
+                "(several GPUs in one process)"
             )
         self.method.to(self.args.device)
         self.add_callback(_ClearMethodGrads(self.method))
@@ -228,6 +229,12 @@ class MultiTaskTrainer(Trainer):
         if self.method.level == "feature":
             _check_features_reach_losses(model)
         shared = self._shared(model) if self.method.level == "parameter" else None
+        if self.is_deepspeed_enabled:  # the step inside DeepSpeed's backward frame
+            info = deepspeed_backward(
+                model, self.method, dict(losses), shared=shared, features=features
+            )
+            model.step()  # as accelerate's backward does: its optimizer.step() is a no-op
+            return info
         return method_backward(
             self.method, dict(losses), shared=shared, features=features, factor=factor, amp=amp
         )

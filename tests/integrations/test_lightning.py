@@ -211,11 +211,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_lightnings_deepspeed_strategy_is_refused_in_one_line():
-    from taskbalance.integrations.lightning import refuse_deepspeed_strategy
+def test_lightnings_deepspeed_strategy_is_refused_in_one_line_from_training_step():
+    """Lightning's DeepSpeed strategy calls engine.backward on balance()'s loss and never the
+    module's backward: balance() must refuse it (the strategy itself needs CUDA, so a class of
+    that name stands in for it)."""
+    import types
 
-    class DeepSpeedStrategy:  # Lightning's needs CUDA: its name and place are what count
+    class DeepSpeedStrategy:
         pass
 
+    model = lm.Net("imtl_g")
+    model._trainer = types.SimpleNamespace(strategy=type("Sub", (DeepSpeedStrategy,), {})())
+    losses, z = model.task_losses(next(iter(lm.loader(4))))
     with pytest.raises(ValueError, match="does not run under Lightning's DeepSpeed strategy"):
-        refuse_deepspeed_strategy(type("Subclass", (DeepSpeedStrategy,), {})())
+        model.balance(losses, features=z)

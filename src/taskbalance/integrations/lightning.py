@@ -77,8 +77,9 @@ __all__ = ["MultiTaskMixin"]
 
 
 def refuse_deepspeed_strategy(strategy: object) -> None:
-    """One line instead of a crash in DeepSpeed's reduction: Lightning's DeepSpeed strategy
-    calls ``engine.backward`` itself, which a multi-task step replaces.
+    """One line instead of a silent no-op: Lightning's DeepSpeed strategy calls
+    ``engine.backward`` on the returned loss itself and never the module's ``backward``, where
+    the method's step runs.
 
     >>> refuse_deepspeed_strategy(object())
     """
@@ -161,6 +162,10 @@ class MultiTaskMixin:
             only scaled copies of it may reach ``backward``.
         """
         self._check_mixed_in()
+        trainer = getattr(self, "_trainer", None)  # None when called outside a Trainer
+        if trainer is not None:
+            # Here, not in backward: that strategy's backward never calls the module's.
+            refuse_deepspeed_strategy(trainer.strategy)
         # Checked now, so that a bad loss is reported from training_step; the method's
         # backward handles non-finite values (on_nonfinite).
         checked = collect_losses(losses, check_finite=False)
@@ -273,7 +278,6 @@ class MultiTaskMixin:
         self, pending: _Pending, derivative: float, options: dict[str, Any]
     ) -> StepInfo:
         trainer = self.trainer  # type: ignore[attr-defined]
-        refuse_deepspeed_strategy(trainer.strategy)
         optimizers = trainer.optimizers
         adatask = [opt for opt in optimizers if isinstance(opt, AdaTaskOptimizer)]
         method = self._method(required=not adatask)

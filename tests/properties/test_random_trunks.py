@@ -34,7 +34,11 @@ NUM_TRUNKS = 320
 CHUNKS = 4
 """The trunks are split over a few test ids, so that a failure names a small range of seeds."""
 
-pytestmark = pytest.mark.filterwarnings("ignore:taskbalance. the layerwise Gramian materialises")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:taskbalance. the layerwise Gramian materialises"),
+    # torch's note on a module hook of the first layer, whose input needs no gradient
+    pytest.mark.filterwarnings("ignore:Full backward hook is firing"),
+]
 
 DOCUMENTED = (UncoveredLayerError, SparseGradientError)
 """What a forced path may raise instead of an update: a layer without a rule under

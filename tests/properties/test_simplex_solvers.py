@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from support.samplers import GENERIC_SAMPLERS
-from taskbalance.methods._simplex import nonnegative_qp, project_simplex, simplex_qp
+from support.samplers import DEGENERATE_SAMPLERS, GENERIC_SAMPLERS
+from taskbalance.methods._simplex import active_set, nonnegative_qp, project_simplex, simplex_qp
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -51,3 +52,24 @@ def test_nonnegative_qp_matches_scipy_nnls(seed):
     theirs, _ = optimize.nnls(jacobian.T.numpy(), target.numpy())
     residual = lambda x: np.linalg.norm(jacobian.T.numpy() @ x - target.numpy())  # noqa: E731
     assert residual(ours.numpy()) <= residual(theirs) * (1 + 1e-9) + 1e-12
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_trying_every_face_gives_the_active_set_loops_minimiser(seed):
+    """A single problem of T <= 4 takes the every-face path; a batch of two takes the loop."""
+    num = 2 + seed % 3
+    sampler = (*GENERIC_SAMPLERS, *DEGENERATE_SAMPLERS)[seed % (len(GENERIC_SAMPLERS) + 2)]
+    jacobian = sampler(num, 6, seed=seed)
+    q = (jacobian @ jacobian.T).numpy()
+    generator = torch.Generator().manual_seed(seed)
+    b = (
+        q @ torch.randn(num, generator=generator, dtype=torch.float64).numpy()
+        if seed % 2
+        else 0 * q[0]
+    )
+    faces = active_set(q, b, simplex=True)
+    loop = active_set(q, np.stack([b, b]), simplex=True)[0]
+    objective = lambda x: 0.5 * x @ q @ x + b @ x  # noqa: E731
+    assert faces.min() >= 0 and faces.sum() == pytest.approx(1.0, abs=1e-12)
+    assert objective(faces) <= objective(loop) + 1e-12 * (abs(objective(loop)) + np.abs(q).max())
+    np.testing.assert_allclose(faces, loop, atol=1e-6)

@@ -238,6 +238,12 @@ def _active_set(q: np.ndarray, b: np.ndarray, simplex: bool, max_iter: int | Non
     q = scale[:, None] * q * scale[None, :]
     b = scale * b
     weights = scale  # x = scale * y, so sum(x) = weights^T y
+    if simplex and count == 1 and num <= _EVERY_FACE_UP_TO:
+        best = _best_face(q, b[0], weights)
+        if best is not None:
+            x = scale * best
+            x = x / x.sum()
+            return x if single else x[None]
     if simplex:
         y = np.tile(weights / (weights @ weights), (count, 1))  # x proportional to 1/D
         free = np.ones((count, num), dtype=bool)
@@ -295,6 +301,49 @@ def _active_set(q: np.ndarray, b: np.ndarray, simplex: bool, max_iter: int | Non
     if simplex:
         x = x / x.sum(axis=1, keepdims=True)
     return x[0] if single else x
+
+
+_EVERY_FACE_UP_TO = 4
+"""A single simplex problem of at most this many coordinates first tries every face at once:
+``2^T - 1`` small bordered solves in one batch, instead of the active-set loop, whose
+per-iteration numpy bookkeeping dominates at small T. Measured on CAGrad's weights at T = 3 (six
+such problems per step), side by side with the loop: 1.18-1.33 ms against 1.73-1.83 ms on a
+busy 2-core machine."""
+
+
+def _best_face(q: np.ndarray, b: np.ndarray, weights: np.ndarray) -> np.ndarray | None:
+    """The simplex QP's minimiser in scaled variables, from the minimisers of every face at
+    once: the best feasible one, accepted only if it passes the optimality (KKT) test, so that
+    a singular face whose minimum-norm minimiser is infeasible sends the problem back to the
+    active-set loop (``None``)."""
+    num = b.shape[0]
+    faces = ((np.arange(1, 2**num)[:, None] >> np.arange(num)) & 1).astype(bool)
+    candidates = _face_minimisers(q, np.tile(b, (len(faces), 1)), weights, faces, True)
+    candidates = np.where(faces, candidates, 0.0)
+    scale = 1.0 + np.abs(candidates).max(axis=1)
+    feasible = (candidates >= -_TOL * scale[:, None]).all(axis=1) & np.isfinite(scale)
+    if not feasible.any():
+        return None
+    values = np.where(
+        feasible, 0.5 * np.einsum("fi,ij,fj->f", candidates, q, candidates) + candidates @ b, np.inf
+    )
+    # Ties (a singular Q: every point of a face, or of the whole simplex, may be optimal) go to
+    # the largest face, whose minimum-norm minimiser is where the active-set loop, starting
+    # from the full face, would stop: e.g. equal weights for a zero Gramian.
+    lowest = values.min()
+    tied = values <= lowest + 1e3 * _TOL * (abs(lowest) + np.abs(q).max() + np.abs(b).max())
+    best = np.maximum(candidates[np.where(tied, faces.sum(axis=1), -1).argmax()], 0.0)
+    # KKT on the simplex: grad + level * weights >= 0, and zero on the support.
+    curvature = q @ best
+    gradient = curvature + b
+    support = best > 0
+    w_s = np.where(support, weights, 0.0)
+    level = -(gradient * w_s).sum() / max((w_s * w_s).sum(), 1e-300)
+    multipliers = gradient + level * weights
+    size = np.sqrt(max(curvature @ best, 0.0)) + np.abs(b).max()
+    if (multipliers[~support] < -1e3 * _TOL * size).any():
+        return None
+    return best
 
 
 def simplex_qp(

@@ -9,7 +9,6 @@ the whole batch is the reference.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
@@ -76,13 +75,8 @@ def refusals() -> list[str]:
 
 
 def worker(rank: int, world_size: int, port: int, configs: list, out_file: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(world_size),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-    )
+    """One rank: every configuration, then the refusals; rank 0 saves the results."""
+    ranks.set_torchrun_env(rank, world_size, port)
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)

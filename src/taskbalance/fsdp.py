@@ -23,7 +23,7 @@ one line by the caller. FSDP1 (``FullyShardedDataParallel``) flattens parameters
 
 Everything here reads FSDP2's documented objects and a few of their attributes
 (``FSDPParam.sharded_param`` / ``_unsharded_param``, ``FSDPParamGroup.reshard_after_backward``),
-as of torch 2.6-2.13; the tests in tests/test_fsdp.py pin the behaviour on 2 gloo ranks.
+as of torch 2.13 (the version tested); tests/test_fsdp.py pins the behaviour on 2 gloo ranks.
 """
 
 from __future__ import annotations

@@ -215,15 +215,20 @@ def ddp_worker(
 
 
 class HalfNet(Net):
-    """The module in float32, for 16-bit mixed precision (autocast to float16)."""
+    """The module in float32: for 16-bit mixed precision (autocast to float16), and under
+    Lightning's DeepSpeed strategy (its precision plugin converts the module to float32)."""
 
-    def __init__(self, method: str | None) -> None:
-        super().__init__(method)
+    def __init__(self, method: str | None, options: dict[str, Any] | None = None) -> None:
+        super().__init__(method, options)
         self.float()
 
     def task_losses(self, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         x, y = batch
         return super().task_losses((x.float(), y.float()))
+
+
+class HalfManualNet(ManualNet, HalfNet):
+    """The float32 module with manual optimisation."""
 
 
 def scaled_hand_loop(model: Net, steps: int, batch_size: int, init_scale: float) -> None:

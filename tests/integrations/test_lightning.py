@@ -211,17 +211,114 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_lightnings_deepspeed_strategy_is_refused_in_one_line_from_training_step():
-    """Lightning's DeepSpeed strategy calls engine.backward on balance()'s loss and never the
-    module's backward: balance() must refuse it (the strategy itself needs CUDA, so a class of
-    that name stands in for it)."""
+@pytest.fixture(scope="module")
+def deepspeed_results(tmp_path_factory):
+    """The 2-rank Lightning DeepSpeed runs (tests/support/lightning_deepspeed_ranks.py)."""
+    from support import lightning_deepspeed_ranks
+
+    out_file = tmp_path_factory.mktemp("lightning_deepspeed") / "results.pt"
+    arguments = (2, free_port(), str(out_file))
+    mp.spawn(lightning_deepspeed_ranks.worker, args=arguments, nprocs=2, join=True)
+    return torch.load(out_file)
+
+
+DEEPSPEED_IDS = ["zero2-imtl_g", "zero2-imtl_l", "zero1-imtl_g", "zero2-imtl_g-manual"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(DEEPSPEED_IDS)), ids=DEEPSPEED_IDS)
+def test_two_deepspeed_ranks_under_lightning_equal_one_process(deepspeed_results, index):
+    """Lightning's DeepSpeedStrategy (CUDA check lifted, see lightning_deepspeed_ranks) on 2
+    gloo ranks against the hand loop on the joined batch, both float32 (Lightning's DeepSpeed
+    precision plugin converts the module); the logged weights are the method's."""
+    pytest.importorskip("deepspeed")
+    from support.lightning_deepspeed_ranks import CONFIGS, STEPS
+
+    _, method, _ = CONFIGS[index]
+    reference = lm.HalfNet(method)
+    infos = lm.hand_loop(reference, STEPS, batch_size=8)
+    trained, weights = deepspeed_results[index]
+    for got, expected in zip(trained, lm.parameters(reference), strict=True):
+        # As the plain DeepSpeed loop's tests: DeepSpeed averages the gradients in float32.
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    assert weights == pytest.approx(infos[-1].weights.tolist(), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_zero3_under_lightnings_deepspeed_strategy_is_refused_in_one_line(deepspeed_results):
+    message = deepspeed_results["zero3"]
+    assert message.startswith("ZeRO-3 gathers its partitioned parameters")
+    assert "\n" not in message
+
+
+class DeepSpeedStrategy:
+    """Stands in for Lightning's (the mixin tells it by name), whose setup needs CUDA."""
+
+    def __init__(self, engine, precision_plugin=None):
+        self.model = engine
+        self.precision_plugin = precision_plugin
+
+
+def stub_engine(stage=2, fp16=False, accumulation=1, optimizer=None):
+    """What the mixin asks of a DeepSpeed engine before the step."""
     import types
 
-    class DeepSpeedStrategy:
-        pass
+    return types.SimpleNamespace(
+        zero_optimization_stage=lambda: stage,
+        fp16_enabled=lambda: fp16,
+        gradient_accumulation_steps=lambda: accumulation,
+        basic_optimizer=optimizer,
+    )
 
+
+def under_deepspeed(model, strategy):
+    import types
+
+    model._trainer = types.SimpleNamespace(strategy=strategy)
+    return model.task_losses(next(iter(lm.loader(4))))
+
+
+@pytest.mark.parametrize(
+    ("engine", "message"),
+    [
+        (stub_engine(stage=3), "ZeRO-3 gathers"),
+        (stub_engine(stage=0), "ZeRO stage 0 runs no DeepSpeed backward hooks"),
+        (stub_engine(fp16=True), "fp16 scales the loss inside engine.backward"),
+        (stub_engine(accumulation=2), "gradient_accumulation_steps is 2"),
+        (
+            stub_engine(optimizer=lm.make_optimizer(lm.Net(None, optimizer="adatask"))),
+            "AdaTask optimizers keep per-task state per parameter",
+        ),
+    ],
+    ids=["zero3", "stage0", "fp16", "accumulation", "adatask"],
+)
+def test_deepspeed_set_ups_the_step_cannot_run_in_are_refused_by_balance(engine, message):
     model = lm.Net("imtl_g")
-    model._trainer = types.SimpleNamespace(strategy=type("Sub", (DeepSpeedStrategy,), {})())
-    losses, z = model.task_losses(next(iter(lm.loader(4))))
-    with pytest.raises(ValueError, match="does not run under Lightning's DeepSpeed strategy"):
+    losses, z = under_deepspeed(model, DeepSpeedStrategy(engine))
+    with pytest.raises(ValueError, match=message) as raised:
         model.balance(losses, features=z)
+    assert "\n" not in str(raised.value)
+
+
+def test_under_deepspeed_only_balances_loss_reaches_the_module_backward():
+    """Lightning's DeepSpeed precision plugin calls engine.backward, never the module's hook:
+    balance() routes its own loss to the hook, once per plugin; other losses are untouched."""
+
+    class Precision:
+        def backward(self, tensor, model, optimizer, *args, **kwargs):
+            calls.append("engine")
+
+    def module_backward(tensor, *args, **kwargs):
+        model._taskbalance_pending = None
+        calls.append("module")
+
+    calls = []
+    model = lm.Net("imtl_g")
+    model.backward = module_backward
+    plugin = Precision()
+    losses, z = under_deepspeed(model, DeepSpeedStrategy(stub_engine(), plugin))
+    for _ in range(2):
+        loss = model.balance(losses, features=z)  # in training_step, before Lightning's backward
+        plugin.backward(loss, model, None)
+    plugin.backward(torch.tensor(1.0, requires_grad=True), model, None)
+    assert calls == ["module", "module", "engine"]

@@ -14,7 +14,9 @@ averages over the data-parallel ranks in DeepSpeed's communication dtype (float3
 so a float64 model agrees with one process to about 1e-7, EW included). Refused in one line:
 ZeRO-3 (it gathers the partitioned parameters inside the forward and again in each backward,
 and the per-task passes do not see them; shard with FSDP2 instead, see the sharded training
-page), ZeRO stage 0 (DeepSpeed runs no backward hooks there; plain DDP does the same job), and
+page), ZeRO stage 0 (DeepSpeed runs no backward hooks there; plain DDP does the same job), fp16
+(DeepSpeed scales the loss in ``engine.backward``, which the step replaces, and ``engine.step()``
+would divide the unscaled gradients by that scale; bf16 has no loss scale), and
 ``gradient_accumulation_steps`` above 1 (DeepSpeed divides the gradients at the engine's outputs
 by it, which the method would see in every per-task gradient).
 
@@ -28,7 +30,8 @@ level) takes the place of ``engine.backward(loss)``; ``engine.step()`` follows a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
@@ -38,7 +41,7 @@ if TYPE_CHECKING:
     from taskbalance.engine.losses import LossesLike
     from taskbalance.methods.base import Method
 
-__all__ = ["backward"]
+__all__ = ["backward", "backward_frame", "check_engine"]
 
 
 def backward(
@@ -64,24 +67,42 @@ def backward(
         The step's :class:`~taskbalance.StepInfo`.
 
     Raises:
-        ValueError: ZeRO-3 or stage 0, or gradient accumulation (the message says why and what
-            to use instead).
+        ValueError: ZeRO-3 or stage 0, fp16, or gradient accumulation (the message says why and
+            what to use instead).
     """
-    _check_engine(engine)
+    with backward_frame(engine):
+        return method.backward(losses, shared, features, **options)
+
+
+@contextmanager
+def backward_frame(engine: Any) -> Iterator[None]:
+    """DeepSpeed's backward frame, as ``engine.backward`` opens it, around a method's step:
+    the per-task passes and the final backward run inside, DeepSpeed's reduction once on leaving.
+
+    :func:`backward` is this frame around ``method.backward``; an integration that calls the
+    method itself (Lightning's ``MultiTaskMixin``, which applies Lightning's gradient factor)
+    opens the frame around that call.
+
+    Raises:
+        ValueError: as :func:`backward`, on entering.
+    """
+    check_engine(engine)
     with engine._running_engine_backward_lock:
         engine._running_engine_backward_count += 1
         engine._running_engine_backward = True
     try:
-        info = method.backward(losses, shared, features, **options)
+        yield
     finally:
         with engine._running_engine_backward_lock:
             engine._running_engine_backward_count -= 1
             engine._running_engine_backward = engine._running_engine_backward_count > 0
     engine._backward_epilogue()  # DeepSpeed's reduction, once, on the combined gradient
-    return info
 
 
-def _check_engine(engine: Any) -> None:
+def check_engine(engine: Any) -> None:
+    """Raise, in one line saying what to use instead, for an engine the method's step cannot
+    run in: ZeRO-3, ZeRO stage 0, fp16 (DeepSpeed's loss scaling), or
+    ``gradient_accumulation_steps`` above 1."""
     stage = engine.zero_optimization_stage()
     if stage == 3:
         raise ValueError(
@@ -93,6 +114,11 @@ def _check_engine(engine: Any) -> None:
         raise ValueError(
             "ZeRO stage 0 runs no DeepSpeed backward hooks to hand the step to; use stage 1 or "
             "2, or DistributedDataParallel"
+        )
+    if engine.fp16_enabled():
+        raise ValueError(
+            "fp16 scales the loss inside engine.backward, which the method's step replaces, so "
+            "engine.step() would divide unscaled gradients by the loss scale; use bf16 or fp32"
         )
     steps = engine.gradient_accumulation_steps()
     if steps != 1:

@@ -27,7 +27,11 @@ So automatic optimisation keeps Lightning's machinery: gradient accumulation, cl
 schedulers, mixed precision, DDP (the method's reductions over the ranks run inside its
 backward; the method's own parameters are left out of DDP, which would average them a second
 time). With manual optimisation, ``self.manual_backward(self.balance(losses, ...))`` runs
-the same hook.
+the same hook. Under Lightning's DeepSpeed strategy (ZeRO-1/2), whose precision plugin calls
+``engine.backward`` instead of the hook, ``balance`` routes its loss from the plugin to the
+hook, and the hook runs the step inside DeepSpeed's backward frame
+(:func:`taskbalance.integrations.deepspeed.backward_frame`); the set-ups that frame cannot take
+(ZeRO-3, fp16, gradient accumulation, AdaTask) are refused from ``balance`` in one line.
 
 With an AdaTask optimizer (``taskbalance.AdaTaskAdam`` from ``configure_optimizers``) the
 hook calls ``optimizer.backward(losses, method=...)`` instead; the method attribute is then
@@ -40,6 +44,7 @@ Each step's record is logged with ``self.log_dict`` under ``taskbalance/...`` (s
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +59,7 @@ from taskbalance.integrations.common import (
     missing_extra,
     step_metrics,
 )
+from taskbalance.integrations.deepspeed import backward_frame, check_engine
 from taskbalance.methods.base import Method
 from taskbalance.optim.adatask import AdaTaskOptimizer
 
@@ -76,20 +82,62 @@ if TYPE_CHECKING:
 __all__ = ["MultiTaskMixin"]
 
 
-def refuse_deepspeed_strategy(strategy: object) -> None:
-    """One line instead of a silent no-op: Lightning's DeepSpeed strategy calls
-    ``engine.backward`` on the returned loss itself and never the module's ``backward``, where
-    the method's step runs.
+def _is_deepspeed(strategy: object) -> bool:
+    """Whether ``strategy`` is Lightning's DeepSpeed strategy, of either namespace (told by
+    name, so that nothing of DeepSpeed is imported to tell).
 
-    >>> refuse_deepspeed_strategy(object())
+    >>> _is_deepspeed(object())
+    False
     """
-    if any(cls.__name__ == "DeepSpeedStrategy" for cls in type(strategy).__mro__):
+    return any(cls.__name__ == "DeepSpeedStrategy" for cls in type(strategy).__mro__)
+
+
+def _check_deepspeed(engine: Any) -> None:
+    """Raise, in one line, for a DeepSpeed engine the method's step cannot run in: those
+    :func:`taskbalance.integrations.deepspeed.check_engine` refuses, and an AdaTask optimizer
+    (its per-task state is per parameter; ZeRO hands it flat partitions)."""
+    check_engine(engine)
+    if isinstance(engine.basic_optimizer, AdaTaskOptimizer):
         raise ValueError(
-            "MultiTaskMixin does not run under Lightning's DeepSpeed strategy (it calls "
-            "engine.backward, which the method's step replaces); use ModelParallelStrategy "
-            "(FSDP2) or DDP, or a plain DeepSpeed loop with "
-            "taskbalance.integrations.deepspeed.backward"
+            "AdaTask optimizers keep per-task state per parameter, which DeepSpeed's ZeRO "
+            "partitions do not have; train them with DDP or ModelParallelStrategy (FSDP2)"
         )
+
+
+def _trained_param_groups(trainer: Any) -> list[dict[str, Any]]:
+    """The parameter groups of the trainer's optimizers, for ``check_in_optimizers``.
+
+    DeepSpeed's ZeRO optimizer replaces its groups' parameters by flat partitions; each
+    parameter it trains is linked to its partition instead (``_hp_mapping``, which DeepSpeed's
+    ``safe_get_full_fp32_param`` reads too).
+    """
+    if _is_deepspeed(trainer.strategy):
+        params = trainer.strategy.model.module.parameters()
+        return [{"params": [p for p in params if getattr(p, "_hp_mapping", None) is not None]}]
+    return [group for optimizer in trainer.optimizers for group in optimizer.param_groups]
+
+
+def _route_to_module_backward(precision: Any) -> None:
+    """Make Lightning's DeepSpeed precision plugin hand :meth:`MultiTaskMixin.balance`'s loss
+    to the module's ``backward`` hook, as every other precision plugin does.
+
+    Its own ``backward`` calls ``engine.backward(loss)`` and never the hook, where the method's
+    step runs; automatic and manual optimisation both reach the plugin (``Strategy.backward``),
+    so this one place serves both. Any other loss keeps DeepSpeed's backward. Installed once
+    per plugin.
+    """
+    if getattr(precision, "_taskbalance_routed", False):
+        return
+    deepspeed_backward = precision.backward
+
+    def backward(tensor: Tensor, model: Any, optimizer: Any, *args: Any, **kwargs: Any) -> None:
+        if getattr(model, "_taskbalance_pending", None) is None:
+            deepspeed_backward(tensor, model, optimizer, *args, **kwargs)
+        else:
+            model.backward(tensor, *args, **kwargs)  # what Lightning's base Precision does
+
+    precision.backward = backward
+    precision._taskbalance_routed = True
 
 
 def _lightning_module_types() -> tuple[type, ...]:
@@ -163,9 +211,10 @@ class MultiTaskMixin:
         """
         self._check_mixed_in()
         trainer = getattr(self, "_trainer", None)  # None when called outside a Trainer
-        if trainer is not None:
-            # Here, not in backward: that strategy's backward never calls the module's.
-            refuse_deepspeed_strategy(trainer.strategy)
+        if trainer is not None and _is_deepspeed(trainer.strategy):
+            # Checked here, so that a refused set-up is reported from training_step.
+            _check_deepspeed(trainer.strategy.model)
+            _route_to_module_backward(trainer.strategy.precision_plugin)
         # Checked now, so that a bad loss is reported from training_step; the method's
         # backward handles non-finite values (on_nonfinite).
         checked = collect_losses(losses, check_finite=False)
@@ -283,7 +332,7 @@ class MultiTaskMixin:
         method = self._method(required=not adatask)
         if method is not None:
             check_method(method)
-            check_in_optimizers(method, [g for opt in optimizers for g in opt.param_groups])
+            check_in_optimizers(method, _trained_param_groups(trainer))
         amp = getattr(trainer.precision_plugin, "scaler", None)
         if amp is not None and amp.is_enabled():
             derivative /= amp.get_scale()
@@ -291,15 +340,19 @@ class MultiTaskMixin:
             amp = None
         if not adatask:
             assert method is not None
-            return method_backward(
-                method,
-                pending.losses,
-                shared=pending.shared,
-                features=pending.features,
-                factor=derivative,
-                amp=amp,
-                **options,
-            )
+            strategy = trainer.strategy
+            # Under DeepSpeed the step runs in its backward frame, which reduces it once.
+            frame = backward_frame(strategy.model) if _is_deepspeed(strategy) else nullcontext()
+            with frame:
+                return method_backward(
+                    method,
+                    pending.losses,
+                    shared=pending.shared,
+                    features=pending.features,
+                    factor=derivative,
+                    amp=amp,
+                    **options,
+                )
         if len(adatask) > 1:
             raise ValueError("balance: several AdaTask optimizers; use one")
         if derivative != 1 or amp is not None:

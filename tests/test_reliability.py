@@ -27,7 +27,7 @@ def test_skip_option_skips_counts_and_touches_nothing():
 def test_unknown_on_nonfinite_value_lists_the_valid_ones():
     model = SharedBottom(2)
     losses, _ = model.losses(*batch(2))
-    with pytest.raises(ValueError, match="'raise' or 'skip'"):
+    with pytest.raises(ValueError, match="'raise', 'skip' or 'propagate', got 'ignore'"):
         EW().backward(losses, on_nonfinite="ignore")
 
 

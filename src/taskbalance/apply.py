@@ -60,6 +60,7 @@ from taskbalance.engine.gramian_path import (
     plan_layers,
 )
 from taskbalance.engine.jacobian import sparse_gradient_message
+from taskbalance.engine.placement import on_accelerator
 from taskbalance.engine.requirement import Level, Requirement
 from taskbalance.errors import InvalidLossError, NonFiniteLossError
 from taskbalance.fsdp import (
@@ -179,15 +180,20 @@ class _Prepared:
 
 
 def _prepare(
-    method: Balancer, losses: LossesLike, ranks: Reducer | None, scaler: GradScaler | None = None
+    method: Balancer,
+    losses: LossesLike,
+    ranks: Reducer | None,
+    scaler: GradScaler | None = None,
+    check_finite: bool = True,
 ) -> _Prepared:
-    checked = collect_losses(losses, method.task_names, check_finite=ranks is None)
+    checked = collect_losses(losses, method.task_names, check_finite=check_finite and not ranks)
     seen = checked.values.detach()
     if ranks is not None:
         # Reduced before the finiteness check, so that a NaN on one rank stops every rank
         # instead of leaving the others waiting in the next collective.
         seen = ranks.mean(seen)
-        check_finite_losses(checked.names, seen)
+        if check_finite:
+            check_finite_losses(checked.names, seen)
     method.bind_tasks(checked.names, checked.from_mapping)
     unit = method.unit_loss_weights
     if unit:  # no multiplication by ones on the per-step path
@@ -300,6 +306,8 @@ def _gramian_update(
     ``combination(a)``, the weighted sum of the per-task gradients, as the update."""
     if prepared.scale != 1:
         gram = gram / prepared.scale**2
+    if on_accelerator(gram):
+        return _device_gramian_update(method, prepared, inputs, gram, combination)
     # The T x T checks and the record on the host: one round trip, and numpy's operations on
     # a few numbers cost 0.5-3 us where torch's dispatch costs 2-9.
     host = gram.detach().cpu().numpy().copy()  # a method may edit its Gramian in place
@@ -318,6 +326,34 @@ def _gramian_update(
         norms = _norms(gram)
         cosines = _cosines(gram, norms)
     return _SharedUpdate(inputs, combination(weights), weights, norms, cosines)
+
+
+def _device_gramian_update(
+    method: Balancer,
+    prepared: _Prepared,
+    inputs: tuple[Tensor, ...],
+    gram: Tensor,
+    combination: Callable[[Tensor], list[Tensor | None]],
+) -> _SharedUpdate:
+    """:func:`_gramian_update` with nothing read back from the device: the weights, norms and
+    cosines stay there (the record is read when the user reads it). The checks that need
+    values are left out: a task whose loss does not reach the inputs is found from the graph
+    instead of from a zero norm, and non-finite gradients reach ``.grad`` as in a plain
+    backward (a GradScaler's own device-side check then skips the step)."""
+    for index, loss in enumerate(prepared.losses.tensors):
+        if not reaches(loss, inputs):
+            name = prepared.losses.names[index]
+            raise InvalidLossError(
+                f"the loss of task '{name}' does not depend on the {_describe(method)}", task=name
+            )
+    weights = method.shared_weights(prepared.weighted_values(), gram).detach()
+    if weights.shape != (len(prepared.losses.names),):
+        raise RuntimeError(
+            f"{type(method).__name__} produced weights of shape {tuple(weights.shape)} for "
+            f"{len(prepared.losses.names)} tasks"
+        )
+    norms = _norms(gram)
+    return _SharedUpdate(inputs, combination(weights), weights, norms, _cosines(gram, norms))
 
 
 _LAYER_WORKSPACES: weakref.WeakKeyDictionary[Balancer, Workspace] = weakref.WeakKeyDictionary()
@@ -584,7 +620,7 @@ def backward(
     sync: bool | None = None,
     process_group: dist.ProcessGroup | None = None,
     scaler: GradScaler | None = None,
-    on_nonfinite: Literal["raise", "skip"] = "raise",
+    on_nonfinite: Literal["raise", "skip", "propagate"] = "raise",
     gramian_path: GramianPath = "auto",
 ) -> StepInfo:
     """Fill ``.grad`` for one step of ``method``: the drop-in for ``sum(losses).backward()``.
@@ -623,7 +659,11 @@ def backward(
         on_nonfinite: what a NaN or infinite loss does: ``"raise"`` (default) a
             :class:`NonFiniteLossError` naming the task, or ``"skip"`` the step: nothing is
             back-propagated, the method's state is untouched, ``method.skipped_steps`` counts
-            it and the returned record has ``skipped=True``.
+            it and the returned record has ``skipped=True``; or ``"propagate"``: no check, as
+            ``sum(losses).backward()`` (non-finite values reach ``.grad``, where a GradScaler's
+            ``scaler.step`` finds them). ``"raise"`` and ``"skip"`` read the T losses back to
+            the host once per step; ``"propagate"`` is the setting with no read at all for
+            tensors on an accelerator (:mod:`taskbalance.engine.placement`).
 
     Returns:
         A :class:`StepInfo` with the losses, weights, gradient norms and cosines.
@@ -648,10 +688,13 @@ def backward(
     >>> float(info.gradient_weights.sum())
     1.0
     """
-    if on_nonfinite not in ("raise", "skip"):
-        raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+    if on_nonfinite not in ("raise", "skip", "propagate"):
+        raise ValueError(
+            f"on_nonfinite must be 'raise', 'skip' or 'propagate', got {on_nonfinite!r}"
+        )
+    ranks = reducer(sync, process_group)
     try:
-        prepared = _prepare(method, losses, reducer(sync, process_group), scaler)
+        prepared = _prepare(method, losses, ranks, scaler, on_nonfinite != "propagate")
     except NonFiniteLossError as error:
         if on_nonfinite == "raise" or error.values is None:
             raise

@@ -18,8 +18,10 @@ All of them solve in float64 numpy arrays on the host: a T x T problem costs a f
 operations per iteration, and each torch operation on such a tensor costs several microseconds
 of dispatch (a numpy one 0.5-3), which made the solves dominate cheap steps (CAGrad's 10-40
 QPs took 6 ms at T = 3 in torch, a plain step of the benchmark MLP 7 ms). The tensor-facing
-functions convert once on the way in (one device round trip for a CUDA Gramian, which the
-engine's finiteness check makes anyway) and return float64 tensors on the input's device.
+functions convert once on the way in and return float64 tensors on the input's device. A
+Gramian on an accelerator (up to :data:`~taskbalance.methods._device_solvers.FACE_LIMIT` tasks;
+:func:`power_equation` at any size) is solved there instead, by the same problems' batched torch
+solvers in :mod:`taskbalance.methods._device_solvers`, so that nothing is read back.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from taskbalance.engine.placement import on_accelerator
+from taskbalance.methods import _device_solvers
 
 _TOL = 1e-12
 """Relative tolerance of the active-set method (the QPs are normalised to unit scale first)."""
@@ -60,6 +65,12 @@ def to_tensor(array: np.ndarray, like: Tensor, dtype: torch.dtype = torch.float6
     tensor([1., 1.], dtype=torch.float64)
     """
     return torch.from_numpy(np.ascontiguousarray(array)).to(device=like.device, dtype=dtype)
+
+
+def _on_device(gramian: Tensor) -> bool:
+    """Solve where the Gramian lives (:mod:`taskbalance.engine.placement`), for the problem
+    sizes the device solvers take; larger ones come to the host."""
+    return on_accelerator(gramian) and gramian.shape[0] <= _device_solvers.FACE_LIMIT
 
 
 def diagonal_norms(gramian: np.ndarray) -> np.ndarray:
@@ -364,6 +375,8 @@ def simplex_qp(
     >>> simplex_qp(torch.tensor([[1.0, 0.0], [0.0, 4.0]], dtype=torch.float64))
     tensor([0.8000, 0.2000], dtype=torch.float64)
     """
+    if _on_device(quadratic):
+        return _device_solvers.simplex_qp(quadratic, linear)
     q = to_host(quadratic)
     b = np.zeros(q.shape[0]) if linear is None else to_host(linear)
     return to_tensor(active_set(q, b, simplex=True, max_iter=max_iter), quadratic)
@@ -379,6 +392,8 @@ def nonnegative_qp(quadratic: Tensor, linear: Tensor, max_iter: int | None = Non
     >>> nonnegative_qp(torch.eye(2, dtype=torch.float64), torch.tensor([-1.0, 2.0]))
     tensor([1., 0.], dtype=torch.float64)
     """
+    if _on_device(quadratic):
+        return _device_solvers.nonnegative_qp(quadratic, linear)
     solution = active_set(to_host(quadratic), to_host(linear), simplex=False, max_iter=max_iter)
     return to_tensor(solution, quadratic)
 
@@ -430,6 +445,8 @@ def power_equation(
     """
     if alpha <= 0:
         raise ValueError(f"power_equation needs alpha > 0, got {alpha}")
+    if on_accelerator(gramian):
+        return _device_solvers.power_equation(gramian, alpha, init, ridge)
     k = to_host(gramian)
     start = None if init is None else to_host(init)
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):

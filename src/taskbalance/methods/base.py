@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from taskbalance.apply import StepInfo, backward, gradients
+from taskbalance.engine.placement import on_accelerator
 from taskbalance.engine.requirement import Level, Requirement
 from taskbalance.errors import InvalidLossError
 
@@ -147,7 +148,9 @@ class Method(nn.Module):
         """Raise :class:`InvalidLossError` naming every task whose loss is ``<= 0``.
 
         For methods that take logs or ratios of the losses; ``why`` says in the message what
-        goes wrong for such a loss.
+        goes wrong for such a loss. Not checked for losses on an accelerator, where it would
+        read the losses back every step (:mod:`taskbalance.engine.placement`); check such a
+        loss on the CPU, or once in a while, yourself.
 
         >>> from taskbalance import EW
         >>> try:
@@ -156,6 +159,8 @@ class Method(nn.Module):
         ...     print(error.task)
         b
         """
+        if on_accelerator(losses):
+            return  # reading the losses back would stall the device every step
         bad = (losses <= 0).nonzero().flatten().tolist()
         if bad:
             listed = ", ".join(f"'{self.task_label(i)}' = {losses[i].item():.4g}" for i in bad)

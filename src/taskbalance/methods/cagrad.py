@@ -34,14 +34,16 @@ Default level: ``"parameter"`` (the paper's setting); ``c = 0.5`` by default.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from taskbalance.engine.placement import on_accelerator
 from taskbalance.engine.requirement import Level, Requirement
+from taskbalance.methods import _device_solvers
 from taskbalance.methods._simplex import (
     active_set,
     check_gramian,
@@ -82,7 +84,22 @@ def cagrad_inner(gramian: Tensor, c: float, *, max_iter: int = 100) -> Tensor:
     tensor([0.5000, 0.5000], dtype=torch.float64)
     """
     check_gramian(gramian)
+    if _on_device(gramian):
+        return _device_solvers.cagrad_inner(gramian, c, _device_tolerance(gramian))
     return to_tensor(_inner(to_host(gramian), c, gramian.dtype, max_iter), gramian)
+
+
+def _on_device(gramian: Tensor) -> bool:
+    """Solved where the Gramian lives, every face at once, up to the device solvers' size."""
+    return on_accelerator(gramian) and gramian.shape[0] <= _device_solvers.FACE_LIMIT
+
+
+def _device_tolerance(gramian: Tensor) -> Callable[[Tensor], Tensor]:
+    """:func:`stationary_tolerance` as a function of ``w``, in torch ops on the device."""
+    k = gramian.detach().to(torch.float64)
+    factor = (k.shape[0] * torch.finfo(gramian.dtype).eps) ** 0.5
+    norms = k.diagonal().clamp_min(0).sqrt()
+    return lambda w: factor * (w @ norms)
 
 
 def _inner(k: np.ndarray, c: float, dtype: torch.dtype, max_iter: int = 100) -> np.ndarray:
@@ -143,6 +160,9 @@ def cagrad_weights(gramian: Tensor, c: float = 0.5, rescale: Rescale = "1+c^2") 
         raise ValueError(f"CAGrad: c must be >= 0, got {c}")
     if rescale not in _RESCALES:
         raise ValueError(f"CAGrad: rescale must be one of {_RESCALES}, got {rescale!r}")
+    divisor = {"none": 1.0, "1+c^2": 1.0 + c**2, "1+c": 1.0 + c}[rescale]
+    if _on_device(gramian):
+        return (_device_weights(gramian, c) / divisor).to(gramian.dtype)
     k = to_host(gramian)
     num = k.shape[0]
     weights = np.full(num, 1.0 / num)
@@ -152,8 +172,19 @@ def cagrad_weights(gramian: Tensor, c: float = 0.5, rescale: Rescale = "1+c^2") 
         norm = np.sqrt(max(w @ k @ w, 0.0))
         if norm > stationary_tolerance(k, w, gramian.dtype):
             weights = weights + radius / norm * w
-    divisor = {"none": 1.0, "1+c^2": 1.0 + c**2, "1+c": 1.0 + c}[rescale]
     return to_tensor(weights / divisor, gramian, gramian.dtype)
+
+
+def _device_weights(gramian: Tensor, c: float) -> Tensor:
+    """CAGrad's weights before the rescaling, on the device (no branch reads a value)."""
+    k = gramian.detach().to(torch.float64)
+    num = k.shape[0]
+    tolerance = _device_tolerance(gramian)
+    radius = c * k.sum().clamp_min(0).sqrt() / num
+    w = _device_solvers.cagrad_inner(gramian, c, tolerance)
+    norm = (w @ k @ w).clamp_min(0).sqrt()
+    moves = (radius > 0) & (norm > tolerance(w))
+    return 1.0 / num + torch.where(moves, radius / torch.where(moves, norm, 1.0), 0.0) * w
 
 
 @register

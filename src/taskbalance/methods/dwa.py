@@ -105,9 +105,10 @@ class DWA(Method):
     @property
     def weights(self) -> Tensor:
         """The weights the next call will use (ones until two periods are complete)."""
-        if int(self.periods) < 2:
-            return torch.ones(self.history.shape[1], dtype=torch.float64)
-        return dwa_weights(self.history[0], self.history[1], self.temperature)
+        # Both sides computed and chosen on the tensors' device: no counter read back.
+        ones = torch.ones_like(self.history[0])
+        ready = dwa_weights(self.history[0], self.history[1], self.temperature)
+        return torch.where(self.periods < 2, ones, ready)
 
     def loss_weights(self, losses: Tensor) -> tuple[Tensor, Tensor | None]:
         """The weights from the history so far; then this call's losses join the history."""

@@ -33,12 +33,13 @@ receive their own loss's gradient, unweighted.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from taskbalance.engine.placement import on_accelerator
 from taskbalance.engine.requirement import Level, Requirement
 from taskbalance.errors import InvalidLossError, NonFiniteLossError
 from taskbalance.methods.base import Method
@@ -98,6 +99,9 @@ def emtl_weights(
             ``L_t >= 0``), or a negative ``lam``.
         NonFiniteLossError: a NaN or infinite loss or norm, naming the task.
 
+    The two value checks are not made for tensors on an accelerator, where they would read the
+    losses back every step (:mod:`taskbalance.engine.placement`).
+
     >>> emtl_weights(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 4.0]), lam=0.0)
     tensor([2.5000, 0.6250])
     >>> emtl_weights(torch.tensor([4.0, 1.0]), torch.tensor([1.0, 1.0]), lam=1.0)  # c = r / mean r
@@ -116,6 +120,34 @@ def emtl_weights(
     def label(i: int) -> str:
         return task_names[i] if task_names is not None else str(i)
 
+    if not on_accelerator(losses):
+        _check_values(losses, norms, label)
+    dtype = losses.dtype
+    loss64, norm64 = losses.detach().to(torch.float64), norms.detach().to(torch.float64)
+    # "Zero" is relative to the largest norm: below it, gbar / ||g_t|| would overflow the
+    # dtype that the weights are applied in.
+    alive = norm64 > norm64.max() * torch.finfo(dtype).eps ** 2
+    fallback = 0.0 if base == "relative" else 1.0
+    # Masked over the live tasks rather than indexed by them: no count or branch is read back
+    # from the device.
+    count = alive.sum()
+    live_norms = torch.where(alive, norm64, 1.0)
+    r = torch.where(alive, loss64 / live_norms, 0.0)
+    mean_r = r.sum() / count.clamp_min(1)
+    # mean(r) = 0: every live task is done, none lags; the regulariser is dropped.
+    lagging = mean_r > 0
+    ratio = r / torch.where(lagging, mean_r, 1.0)
+    spread = torch.where(lagging, (2.0 * lam / count.clamp_min(1)) * (ratio - 1.0), 0.0)
+    gbar = torch.where(alive, norm64, 0.0).sum() / count.clamp_min(1)
+    if base == "relative":
+        live = (1.0 + spread).clamp_min(0.0) * gbar / live_norms
+    else:
+        live = (1.0 + spread * gbar / live_norms).clamp_min(0.0)
+    return torch.where(alive, live, fallback).to(dtype)
+
+
+def _check_values(losses: Tensor, norms: Tensor, label: Callable[[int], str]) -> None:
+    """EMTL's input checks, on the host: finite losses and norms, and no negative loss."""
     bad = ~(torch.isfinite(losses) & torch.isfinite(norms))
     if bad.any():
         i = int(bad.nonzero()[0])
@@ -132,29 +164,6 @@ def emtl_weights(
             f"{listed}; shift such a loss by a constant",
             task=label(negative[0]),
         )
-
-    dtype = losses.dtype
-    loss64, norm64 = losses.detach().to(torch.float64), norms.detach().to(torch.float64)
-    # "Zero" is relative to the largest norm: below it, gbar / ||g_t|| would overflow the
-    # dtype that the weights are applied in.
-    alive = norm64 > norm64.max() * torch.finfo(dtype).eps ** 2
-    fallback = 0.0 if base == "relative" else 1.0
-    weights = torch.full_like(loss64, fallback)
-    if not alive.any():
-        return weights.to(dtype)
-    live_norms = norm64[alive]
-    r = loss64[alive] / live_norms
-    mean_r = r.mean()
-    count = int(alive.sum())
-    # mean(r) = 0: every live task is done, none lags; the regulariser is dropped.
-    spread = (2.0 * lam / count) * (r / mean_r - 1.0) if mean_r > 0 else torch.zeros_like(r)
-    gbar = live_norms.mean()
-    if base == "relative":
-        live = (1.0 + spread).clamp_min(0.0) * gbar / live_norms
-    else:
-        live = (1.0 + spread * gbar / live_norms).clamp_min(0.0)
-    weights[alive] = live
-    return weights.to(dtype)
 
 
 @register

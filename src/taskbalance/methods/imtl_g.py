@@ -10,7 +10,8 @@ the same projection on every unit task gradient ``u_t = g_t / ||g_t||``. The pap
 Needs: the Gramian, at feature level (the paper's default: gradients w.r.t. the shared
 representation z, the batch axis flattened with the rest) or parameter level (exact).
 Cost: one T x T eigendecomposition in float64 on the host, on top of the engine's per-task
-gradients.
+gradients; for a Gramian on an accelerator (T <= 12), Jacobi rotations on the device instead,
+nothing read back (:func:`taskbalance.methods._device_solvers.symmetric_eigh`).
 The weights are constants: no gradient flows through them, and they are not clamped to be >= 0.
 """
 
@@ -20,7 +21,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from taskbalance.engine.placement import on_accelerator
 from taskbalance.engine.requirement import Level, Requirement
+from taskbalance.methods import _device_solvers
+from taskbalance.methods._device_solvers import FACE_LIMIT
 from taskbalance.methods._simplex import diagonal_norms, inverse_eigenvalues, to_host, to_tensor
 from taskbalance.methods.base import Method
 from taskbalance.methods.registry import register
@@ -55,6 +59,8 @@ def imtl_g_weights(gramian: Tensor) -> Tensor:
     """
     if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1]:
         raise ValueError(f"a Gramian must be square, got shape {tuple(gramian.shape)}")
+    if on_accelerator(gramian) and gramian.shape[0] <= FACE_LIMIT:
+        return _device_solvers.imtl_g_weights(gramian, _DEGENERATE)
     k = to_host(gramian)
     num_tasks = k.shape[0]
     norms = diagonal_norms(k)

@@ -12,17 +12,14 @@ module: give them to the optimizer (``method.param_group()`` adds them without w
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from taskbalance.methods._stale import StaleWatch
 from taskbalance.methods.base import Method
 from taskbalance.methods.registry import register
-
-_STALE_CALLS = 20
-"""Calls with gradients but unchanged scales after which we warn that nothing updates them."""
 
 
 @register
@@ -49,28 +46,10 @@ class IMTLL(Method):
         super().__init__(tasks=tasks)
         assert self.num_tasks is not None
         self.scales = nn.Parameter(torch.zeros(self.num_tasks))
-        self._last_scales: Tensor | None = None
-        self._stale_calls = 0
+        self._stale = StaleWatch(type(self).__name__, "loss scales")
 
     def loss_weights(self, losses: Tensor) -> tuple[Tensor, Tensor | None]:
         """``w_t = exp(s_t)`` and ``c_t = -s_t``."""
         self.require_positive(losses, "exp(s) L - s has no minimum for L <= 0")
-        self._watch_scales()
+        self._stale(self.scales)
         return torch.exp(self.scales), -self.scales
-
-    def _watch_scales(self) -> None:
-        """Warn once if the scales get gradients but never change: the classic bug is an
-        optimizer built without ``method.parameters()``."""
-        current = self.scales.detach()
-        if self._last_scales is not None and self.scales.grad is not None:
-            unchanged = torch.equal(current, self._last_scales) and bool(self.scales.grad.any())
-            self._stale_calls = self._stale_calls + 1 if unchanged else 0
-            if self._stale_calls == _STALE_CALLS:
-                warnings.warn(
-                    f"{type(self).__name__}: the loss scales have received gradients for "
-                    f"{_STALE_CALLS} steps but never changed; add method.parameters() (or "
-                    "method.param_group()) to your optimizer",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-        self._last_scales = current.clone()

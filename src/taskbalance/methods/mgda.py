@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from taskbalance.engine.placement import on_accelerator
 from taskbalance.engine.requirement import Level, Requirement
 from taskbalance.errors import InvalidLossError
 from taskbalance.methods._simplex import check_gramian, simplex_qp
@@ -94,7 +95,7 @@ class MGDA(Method):
         if self.normalization == "none":
             return mgda_weights(gramian)
         k = gramian.detach().to(torch.float64)
-        if self.normalization in ("loss", "loss+"):
+        if self.normalization in ("loss", "loss+") and not on_accelerator(losses):
             bad = (losses <= 0).nonzero().flatten().tolist()
             if bad:
                 listed = ", ".join(f"'{self.task_label(i)}' = {losses[i].item():.4g}" for i in bad)

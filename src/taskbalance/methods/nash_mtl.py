@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from taskbalance.engine.placement import on_accelerator
 from taskbalance.engine.requirement import Level, Requirement
 from taskbalance.methods._simplex import check_gramian, power_equation
 from taskbalance.methods.base import Method
@@ -59,9 +60,7 @@ def clip_weights(gramian: Tensor, weights: Tensor, max_norm: float) -> Tensor:
         return weights
     w = weights.to(torch.float64)
     norm = (w @ gramian.detach().to(torch.float64) @ w).clamp_min(0).sqrt()
-    if norm > max_norm:
-        w = w * (max_norm / norm)
-    return w.to(weights.dtype)
+    return (w * (max_norm / norm).clamp_max(1.0)).to(weights.dtype)  # no branch: no read
 
 
 @register
@@ -108,11 +107,12 @@ class NashMTL(Method):
 
     def shared_weights(self, losses: Tensor, gramian: Tensor) -> Tensor:
         """:func:`nash_mtl_weights` (warm-started, every k-th call), then :func:`clip_weights`."""
-        fresh = bool((self.weights <= 0).any())
-        if fresh or int(self.step) % self.update_weights_every == 0:
-            init = None if fresh else self.weights
-            solution = power_equation(gramian, 1.0, init=init)
-            self.weights.copy_(solution)
+        due = (self.weights <= 0).any() | (self.step % self.update_weights_every == 0)
+        if on_accelerator(gramian):  # solved every step, kept where due: nothing read back
+            solution = power_equation(gramian, 1.0, init=self.weights)
+            self.weights.copy_(torch.where(due, solution, self.weights))
+        elif bool(due):
+            self.weights.copy_(power_equation(gramian, 1.0, init=self.weights))
         self.step += 1
         return clip_weights(gramian, self.weights.to(gramian), self.max_norm)
 

@@ -140,13 +140,19 @@ class STCH(Method):
         if self.ideal_rule == "min":
             torch.minimum(self.ideal_point, values, out=self.ideal_point)
         self.calls += 1
-        if int(self.calls) <= self.warmup_steps:
-            self.warmup_sum += values
-            weights = self.preference / values.numel()
+        # Both sides computed and chosen on the tensors' device: no counter read back.
+        warming = self.calls <= self.warmup_steps
+        self.warmup_sum += torch.where(warming, values, 0.0)
+        linear = self.preference / values.numel()
+        if self.warmup_steps > 0:
+            scale = self._scale()
+            # Until the warm-up ends its sum is partial: a provisional scale keeps the unused
+            # branch finite.
+            scale = torch.where(warming, torch.ones_like(scale), scale)
         else:
-            weights = stch_weights(
-                values, self.ideal_point, self.mu, self.preference, self._scale()
-            )
+            scale = None
+        tchebycheff = stch_weights(values, self.ideal_point, self.mu, self.preference, scale)
+        weights = torch.where(warming, linear, tchebycheff)
         return weights.to(device=losses.device, dtype=losses.dtype), None
 
     def _scale(self) -> Tensor | None:

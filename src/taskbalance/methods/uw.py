@@ -26,18 +26,14 @@ Requires positive losses: for ``L_t <= 0`` the objective has no minimum in ``s_t
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from taskbalance.methods._stale import StaleWatch
 from taskbalance.methods.base import Method
 from taskbalance.methods.registry import register
-
-_STALE_CALLS = 20
-"""Calls with gradients but unchanged log-variances after which we warn that nothing trains
-them (the classic bug: an optimizer built without ``method.parameters()``)."""
 
 
 def uw_loss_terms(log_vars: Tensor, half: bool = False) -> tuple[Tensor, Tensor]:
@@ -88,31 +84,14 @@ class UW(Method):
         assert self.num_tasks is not None
         self.half = bool(half)
         self.log_vars = nn.Parameter(torch.full((self.num_tasks,), float(init)))
-        self._last: Tensor | None = None
-        self._stale_calls = 0
+        self._stale = StaleWatch(type(self).__name__, "log-variances")
 
     def loss_weights(self, losses: Tensor) -> tuple[Tensor, Tensor | None]:
         """``w_t = exp(-s_t)``, ``c_t = s_t`` (halved with ``half=True``)."""
         self.require_positive(losses, "exp(-s) L + s has no minimum in s for L <= 0")
-        self._watch()
+        self._stale(self.log_vars)
         weights, offsets = uw_loss_terms(self.log_vars, self.half)
         return weights.to(losses.dtype), offsets.to(losses.dtype)
-
-    def _watch(self) -> None:
-        """Warn once if the log-variances get gradients but never change."""
-        current = self.log_vars.detach()
-        if self._last is not None and self.log_vars.grad is not None:
-            unchanged = torch.equal(current, self._last) and bool(self.log_vars.grad.any())
-            self._stale_calls = self._stale_calls + 1 if unchanged else 0
-            if self._stale_calls == _STALE_CALLS:
-                warnings.warn(
-                    f"{type(self).__name__}: the log-variances have received gradients for "
-                    f"{_STALE_CALLS} steps but never changed; add method.parameters() (or "
-                    "method.param_group()) to your optimizer",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-        self._last = current.clone()
 
     def extra_repr(self) -> str:
         return ", ".join(filter(None, [super().extra_repr(), f"half={self.half}"]))

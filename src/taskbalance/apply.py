@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from taskbalance.distributed import Reducer, reducer
+from taskbalance.distributed import Reducer, initialised, reducer
 from taskbalance.engine import (
     JacobianMode,
     SparseGradientError,
@@ -52,6 +52,7 @@ from taskbalance.engine import (
     to_matrix,
     unique_tensors,
 )
+from taskbalance.engine.edge_capture import heads_pass
 from taskbalance.engine.gramian_path import (
     GramianPath,
     LayerwiseGramian,
@@ -236,12 +237,15 @@ def _shared_update(
     mode: JacobianMode,
     path: GramianPath = "auto",
     module: nn.Module | Iterable[Tensor] | Tensor | None = None,
+    captured: list[Tensor | None] | None = None,
 ) -> _SharedUpdate:
+    """``captured``: the per-task blocks at the features when :func:`heads_pass` has already
+    computed them (and checked the features)."""
     num_tasks = len(prepared.losses.names)
     ranks = prepared.reducer
     feature_level = method.level == "feature"
     outputs = prepared.weighted_tasks()
-    if feature_level and len(inputs) > 1:
+    if feature_level and len(inputs) > 1 and captured is None:
         _check_common_features(prepared.losses, inputs)
     if method.requires is Requirement.GRAMIAN:
         layerwise = _layerwise(method, prepared, outputs, inputs, mode, path, module)
@@ -250,7 +254,7 @@ def _shared_update(
     # The blocks never leave this step, so they may live in the method's reused workspace.
     workspace = _WORKSPACES.setdefault(method, Workspace())
     try:
-        blocks = task_jacobian(outputs, inputs, mode, workspace)
+        blocks = task_jacobian(outputs, inputs, mode, workspace) if captured is None else captured
     except SparseGradientError as error:
         names = _trainable_names(module)
         if names is None or error.index < 0:
@@ -710,9 +714,9 @@ def backward(
         prepared.total.backward(retain_graph=retain_graph)
         return _finish(method, prepared, None)
     if method.level == "feature":
-        with units_held():  # under FSDP2, one all-gather per unit serves every pass
-            update = _feature_update(method, prepared, _features(method, features), jacobian_mode)
-        _backward_substituting(prepared, update.inputs, update.update, retain_graph)
+        update = _feature_step(
+            method, prepared, _features(method, features), jacobian_mode, retain_graph
+        )
         return _finish(method, prepared, update)
     _, params = _shared_params(method, shared)
     refuse_fsdp1(params)
@@ -744,6 +748,37 @@ def _sharded_update(
             method, prepared, jacobian.leaves, jacobian.gramian, jacobian.combine
         )
     return jacobian, update
+
+
+def _feature_step(
+    method: Balancer,
+    prepared: _Prepared,
+    features: tuple[Tensor, ...],
+    mode: JacobianMode,
+    retain_graph: bool,
+) -> _SharedUpdate:
+    """A feature-level step. Outside torch.distributed, with disjoint heads: one backward of
+    the total loss through the heads gives their gradients and every task's row at z
+    (:func:`taskbalance.engine.edge_capture.heads_pass`), then the trunk's backward starts at z
+    with the combination. Otherwise the per-task passes, and one backward of the total with
+    the combination substituted at z (which DDP's and FSDP's hooks need to see)."""
+    if mode == "auto" and prepared.reducer is None and not initialised():
+        if len(features) > 1:
+            _check_common_features(prepared.losses, features)
+        done = heads_pass(prepared.total, prepared.weighted_tasks(), features)
+        if done is not None:
+            update = _shared_update(method, prepared, features, mode, captured=done.blocks)
+            _accumulate(tuple(done.leaves), list(done.leaf_grads))
+            used = [(z, g) for z, g in zip(features, update.update, strict=True) if g is not None]
+            if used:
+                torch.autograd.backward(
+                    [z for z, _ in used], [g for _, g in used], retain_graph=retain_graph
+                )
+            return update
+    with units_held():  # under FSDP2, one all-gather per unit serves every pass
+        update = _feature_update(method, prepared, features, mode)
+    _backward_substituting(prepared, update.inputs, update.update, retain_graph)
+    return update
 
 
 def _feature_update(

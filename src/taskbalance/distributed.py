@@ -64,6 +64,16 @@ class Reducer:
                 tensor.grad.div_(self.world_size)
 
 
+def initialised() -> bool:
+    """Whether torch.distributed runs (a DDP or FSDP wrapper may then expect its own hooks to
+    see every gradient, even on one rank).
+
+    >>> initialised()
+    False
+    """
+    return dist.is_available() and dist.is_initialized()
+
+
 def reducer(sync: bool | None, group: dist.ProcessGroup | None = None) -> Reducer | None:
     """The reducer for this call, or ``None`` when the call is local.
 
@@ -78,8 +88,7 @@ def reducer(sync: bool | None, group: dist.ProcessGroup | None = None) -> Reduce
     """
     if sync is False:
         return None
-    initialised = dist.is_available() and dist.is_initialized()
-    if not initialised:
+    if not initialised():
         if sync:
             raise RuntimeError(
                 "sync=True needs torch.distributed to be initialised "

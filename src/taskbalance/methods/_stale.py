@@ -42,6 +42,6 @@ class StaleWatch:
                     "steps but never changed; add method.parameters() (or "
                     "method.param_group()) to your optimizer",
                     RuntimeWarning,
-                    stacklevel=5,
+                    stacklevel=6,
                 )
         self.last = current.clone()

@@ -1,0 +1,139 @@
+"""Every task's gradient at the shared features from ONE backward pass.
+
+At feature level the heads are usually disjoint: each task's loss reaches the features z only
+through nodes of its own head. The gradient that such a node sends along its edge into z is
+then that task's gradient alone, so one backward of the total loss down to z, with a hook on
+each of those nodes, yields all T rows of the z-Jacobian and the heads' own gradients: the
+heads are back-propagated once, not T + 1 times, and the trunk's backward that follows starts
+at z with the method's combination.
+
+It applies when every task reaches z, every node with an edge into z is reached from one task
+only, and z carries no gradient hook of its own (which the per-task passes would apply to each
+row); otherwise :func:`heads_pass` returns ``None`` and the caller takes the per-task passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.autograd.graph import Node, get_gradient_edge
+
+Edge = tuple[int, int, int]
+"""(task, index among the node's next functions, feature index)."""
+
+
+def _edges_into(
+    outputs: Sequence[Tensor], features: Sequence[Tensor]
+) -> dict[Node, list[Edge]] | None:
+    """The nodes with an edge into a feature, and their edges; ``None`` when a node is reached
+    from two tasks (its gradient would mix them)."""
+    wanted = {}
+    for f, z in enumerate(features):
+        edge = get_gradient_edge(z)
+        wanted[(edge.node, edge.output_nr)] = f
+    owner: dict[Node, int] = {}
+    edges: dict[Node, list[Edge]] = {}
+    for task, output in enumerate(outputs):
+        if output.grad_fn is None:
+            continue
+        pending, seen = [output.grad_fn], {output.grad_fn}
+        while pending:
+            node = pending.pop()
+            for index, (child, slot) in enumerate(node.next_functions):
+                if child is None:
+                    continue
+                feature = wanted.get((child, slot))
+                if feature is not None:
+                    if owner.setdefault(node, task) != task:
+                        return None
+                    edges.setdefault(node, []).append((task, index, feature))
+                elif child not in seen:
+                    seen.add(child)
+                    pending.append(child)
+    return edges
+
+
+def _leaves_above(root: Tensor, features: Sequence[Tensor]) -> list[Tensor]:
+    """The leaves requiring grad that ``root`` reaches without going through the features:
+    the heads' parameters and the method's own."""
+    stop = {get_gradient_edge(z).node for z in features}
+    leaves = []
+    pending, seen = [root.grad_fn], {root.grad_fn}
+    while pending:
+        node = pending.pop()
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            leaves.append(variable)
+        for child, _ in node.next_functions:
+            if child is not None and child not in seen and child not in stop:
+                seen.add(child)
+                pending.append(child)
+    return leaves
+
+
+@dataclass
+class HeadsPass:
+    """What one backward of the total loss down to the features computed: each task's
+    gradient at the features, and the gradients of the leaves above them (not yet written)."""
+
+    blocks: list[Tensor | None]
+    leaves: list[Tensor]
+    leaf_grads: tuple[Tensor | None, ...]
+
+
+def heads_pass(
+    total: Tensor, outputs: Sequence[Tensor], features: Sequence[Tensor]
+) -> HeadsPass | None:
+    """One backward of ``total`` to the features and to the leaves above them (the heads, the
+    method's parameters), reading every task's row of the features' Jacobian off the edges
+    into them on the way; ``None`` when a task reaches no feature or the edges cannot be told
+    apart by task (see the module docstring). ``outputs``: the per-task terms whose gradients
+    form the rows. The graph is retained for the trunk's backward.
+
+    >>> z = torch.ones(2, requires_grad=True) * 1.0
+    >>> w = torch.ones(1, requires_grad=True)
+    >>> losses = [(2 * z).sum() * w, (3 * z).sum()]
+    >>> done = heads_pass(sum(losses), losses, [z])
+    >>> done.blocks[0], done.leaf_grads[0]
+    (tensor([[2., 2.],
+            [3., 3.]]), tensor([4.]))
+    """
+    if any(z._backward_hooks for z in features) or total.grad_fn is None:
+        return None
+    edges = _edges_into(outputs, features)
+    if not edges or {task for node_edges in edges.values() for task, _, _ in node_edges} != set(
+        range(len(outputs))
+    ):
+        return None
+    rows: list[dict[int, Tensor]] = [{} for _ in features]
+
+    def capture(node_edges: list[Edge]):
+        def hook(grad_inputs, _grad_outputs):
+            for task, index, feature in node_edges:
+                grad = grad_inputs[index]
+                if grad is not None:
+                    row = rows[feature]
+                    row[task] = grad if task not in row else row[task] + grad
+
+        return hook
+
+    leaves = _leaves_above(total, features)
+    handles = [node.register_hook(capture(node_edges)) for node, node_edges in edges.items()]
+    try:
+        grads = torch.autograd.grad(
+            total, [*leaves, *features], retain_graph=True, allow_unused=True
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    blocks: list[Tensor | None] = []
+    for z, row in zip(features, rows, strict=True):
+        if not row:
+            blocks.append(None)
+            continue
+        zero = torch.zeros_like(z)
+        blocks.append(torch.stack([row.get(task, zero) for task in range(len(outputs))]))
+    return HeadsPass(blocks, leaves, grads[: len(leaves)])

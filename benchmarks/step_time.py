@@ -8,8 +8,12 @@ Peak memory is read off the profiler's CPU memory timeline for the first step of
 with the size of the T x n Jacobian of the shared parameters.
 
 Models: ``small_mlp`` (64 -> 256 -> 256 trunk, batch 256: a step of about a millisecond, where
-fixed per-step work shows), ``mlp`` (256-512-512-256, batch 64) and ``cnn`` (two conv layers
-and a linear layer, batch 64). Sections, all printed and written to the result file:
+fixed per-step work shows) with 10-class heads, ``small_mlp_mse`` (the same trunk with 1-output
+MSE heads: the lightest heads, so the step is mostly the trunk's), ``mlp`` (256-512-512-256,
+batch 64) and ``cnn`` (two conv layers and a linear layer, batch 64). Every step time is given
+as a ratio to the plain ``sum(losses).backward()`` step and to EW's ``method.backward`` step
+(which carries the library's own per-step work). Sections, all printed and written to the
+result file:
 
 - per model and T: every variant's step time (``imtl_g_parameter`` takes the default
   ``gramian_path="auto"``, ``imtl_g_parameter_jacobian`` forces the Jacobian path);
@@ -43,8 +47,8 @@ from torch import Tensor, nn
 import taskbalance
 
 RESULTS = Path(__file__).parent / "results" / "step_time.json"
-BATCH = {"tiny": 16, "small_mlp": 256, "mlp": 64, "cnn": 64}
-TIMED_MODELS = ("small_mlp", "mlp", "cnn")
+BATCH = {"tiny": 16, "small_mlp": 256, "small_mlp_mse": 256, "mlp": 64, "cnn": 64}
+TIMED_MODELS = ("small_mlp", "small_mlp_mse", "mlp", "cnn")
 """The models of the step-time table; ``tiny`` (16 -> 32, batch 16) serves the overhead section,
 where its tensor work is negligible, so that what is left is the fixed per-step work."""
 
@@ -58,7 +62,7 @@ class MultiTaskNet(nn.Module):
         if kind == "tiny":
             self.trunk = nn.Sequential(nn.Linear(16, 32), nn.ReLU())
             width = 32
-        elif kind == "small_mlp":
+        elif kind in ("small_mlp", "small_mlp_mse"):
             self.trunk = nn.Sequential(
                 nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU()
             )
@@ -88,22 +92,31 @@ class MultiTaskNet(nn.Module):
             width = 128
         else:
             raise ValueError(f"unknown model {kind!r}; valid: {', '.join(BATCH)}")
-        self.heads = nn.ModuleList(nn.Linear(width, 10) for _ in range(num_tasks))
+        self.regression = kind.endswith("_mse")
+        outputs = 1 if self.regression else 10
+        self.heads = nn.ModuleList(nn.Linear(width, outputs) for _ in range(num_tasks))
         self.kind = kind
 
     def batch(self) -> tuple[Tensor, Tensor]:
         gen = torch.Generator().manual_seed(1)
         batch = BATCH[self.kind]
-        features = {"tiny": (16,), "small_mlp": (64,), "mlp": (256,), "cnn": (1, 28, 28)}[self.kind]
+        features = {"tiny": (16,), "mlp": (256,), "cnn": (1, 28, 28)}.get(self.kind, (64,))
         x = torch.randn((batch, *features), generator=gen)
+        if self.regression:
+            return x, torch.randn((batch, len(self.heads)), generator=gen)
         y = torch.randint(0, 10, (batch, len(self.heads)), generator=gen)
         return x, y
 
     def losses(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
         z = self.trunk(x)
-        losses = [
-            nn.functional.cross_entropy(head(z), y[:, t]) for t, head in enumerate(self.heads)
-        ]
+        if self.regression:
+            losses = [
+                nn.functional.mse_loss(head(z)[:, 0], y[:, t]) for t, head in enumerate(self.heads)
+            ]
+        else:
+            losses = [
+                nn.functional.cross_entropy(head(z), y[:, t]) for t, head in enumerate(self.heads)
+            ]
         return losses, z
 
 
@@ -306,7 +319,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds per variant")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--no-zoo", action="store_true", help="skip timing every method")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)", flush=True)
     # FAMO's reminder to call update() is not what is measured here.
     warnings.filterwarnings("ignore", category=RuntimeWarning)
     rows = []
@@ -367,9 +383,16 @@ def _targets(
             {"figure": figure, "value": value, "target": bound, "at_most": at_most, "met": met}
         )
 
-    for name in ("ew", "imtl_g_feature"):
-        add(f"fixed overhead of {name} (ms), tiny T=3", overhead["tiny"][name], 0.15)
+    add("fixed overhead of ew (ms), tiny T=3", overhead["tiny"]["ew"], 0.15)
+    add("fixed overhead of imtl_g_feature (ms), tiny T=3", overhead["tiny"]["imtl_g_feature"], 0.2)
     by_key = {(row["model"], row["tasks"]): row for row in rows}
+    row = by_key.get(("small_mlp_mse", 3))
+    if row:
+        add(
+            "imtl_g_feature / sum_backward, small_mlp_mse T=3",
+            row["ratio_to_sum_backward"]["imtl_g_feature"],
+            1.3,
+        )
     for model, tasks, bound in (("small_mlp", 3, 1.3), ("cnn", 3, 1.15)):
         row = by_key.get((model, tasks))
         if row:
@@ -429,13 +452,18 @@ def _row(kind: str, num_tasks: int, times: dict[str, float]) -> dict:
         "jacobian_bytes": num_tasks * shared_numel * 4,
         "sum_backward_ms": 1e3 * times["sum_backward"],
         "ratio_to_sum_backward": {n: t / times["sum_backward"] for n, t in times.items()},
+        "ratio_to_ew": {n: t / times["ew"] for n, t in times.items() if n != "ew"},
     }
 
 
 def _format_row(row: dict) -> str:
     ratios = row["ratio_to_sum_backward"]
     parts = [f"{row['model']} T={row['tasks']:>2} plain={row['sum_backward_ms']:.1f}ms"]
-    parts += [f"{name}={ratio:.2f}x" for name, ratio in ratios.items() if name != "sum_backward"]
+    parts += [
+        f"{name}={ratio:.2f}x/{row['ratio_to_ew'][name]:.2f}xEW"
+        for name, ratio in ratios.items()
+        if name not in ("sum_backward", "ew")
+    ]
     if "extra_peak_bytes" in row:
         jacobian = row["jacobian_bytes"]
         extras = row["extra_peak_bytes"].items()

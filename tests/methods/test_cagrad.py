@@ -122,3 +122,17 @@ def test_gradients_of_very_different_sizes_are_not_read_as_stationary():
     for dtype in (torch.float64, torch.float32):
         weights = cagrad_weights((opposed @ opposed.T).to(dtype), 0.5, rescale="none")
         torch.testing.assert_close(weights, torch.full((2,), 0.5, dtype=dtype))
+
+
+def test_cagrad_every_face_on_the_host_matches_the_root_search(monkeypatch):
+    """The host's closed form on every face (T <= 4) and its root search agree."""
+    from taskbalance.methods import cagrad
+
+    gen = torch.Generator().manual_seed(21)
+    gradients = [torch.randn(t, 9, generator=gen, dtype=torch.float64) for t in (2, 3, 4) * 5]
+    for k in [g @ g.T for g in gradients]:
+        faces = cagrad_weights(k, c=0.5)
+        with monkeypatch.context() as patch:
+            patch.setattr(cagrad, "_EVERY_FACE_UP_TO", 0)
+            searched = cagrad_weights(k, c=0.5)
+        torch.testing.assert_close(faces, searched, rtol=1e-7, atol=1e-9)

@@ -25,21 +25,31 @@ Edge = tuple[int, int, int]
 """(task, index among the node's next functions, feature index)."""
 
 
-def _edges_into(
-    outputs: Sequence[Tensor], features: Sequence[Tensor]
-) -> dict[Node, list[Edge]] | None:
-    """The nodes with an edge into a feature, and their edges; ``None`` when a node is reached
-    from two tasks (its gradient would mix them)."""
+_ACCUMULATE = type(torch.ones(1, requires_grad=True).sum().grad_fn.next_functions[0][0])
+"""The node type through which a leaf receives its gradient (``node.variable`` is the leaf)."""
+
+
+def _scan(
+    total: Tensor, outputs: Sequence[Tensor], features: Sequence[Tensor]
+) -> tuple[dict[Node, list[Edge]], list[Tensor]] | None:
+    """The nodes with an edge into a feature (with their edges), and the leaves that ``total``
+    reaches without going through the features (the heads', the method's), in one walk per
+    task and one for the rest of ``total``'s graph; ``None`` when a node with an edge into a
+    feature is reached from two tasks (its gradient would mix them)."""
     wanted = {}
     for f, z in enumerate(features):
         edge = get_gradient_edge(z)
         wanted[(edge.node, edge.output_nr)] = f
     owner: dict[Node, int] = {}
     edges: dict[Node, list[Edge]] = {}
-    for task, output in enumerate(outputs):
-        if output.grad_fn is None:
+    visited: set[Node] = set()
+    for task, root in [*enumerate(outputs), (-1, total)]:
+        if root.grad_fn is None or root.grad_fn in visited:
             continue
-        pending, seen = [output.grad_fn], {output.grad_fn}
+        # Task walks see their own subgraph; the last walk (task -1) only what they missed.
+        seen = {root.grad_fn} if task >= 0 else visited
+        seen.add(root.grad_fn)
+        pending = [root.grad_fn]
         while pending:
             node = pending.pop()
             for index, (child, slot) in enumerate(node.next_functions):
@@ -47,31 +57,15 @@ def _edges_into(
                     continue
                 feature = wanted.get((child, slot))
                 if feature is not None:
-                    if owner.setdefault(node, task) != task:
+                    if task < 0 or owner.setdefault(node, task) != task:
                         return None
                     edges.setdefault(node, []).append((task, index, feature))
                 elif child not in seen:
                     seen.add(child)
                     pending.append(child)
-    return edges
-
-
-def _leaves_above(root: Tensor, features: Sequence[Tensor]) -> list[Tensor]:
-    """The leaves requiring grad that ``root`` reaches without going through the features:
-    the heads' parameters and the method's own."""
-    stop = {get_gradient_edge(z).node for z in features}
-    leaves = []
-    pending, seen = [root.grad_fn], {root.grad_fn}
-    while pending:
-        node = pending.pop()
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            leaves.append(variable)
-        for child, _ in node.next_functions:
-            if child is not None and child not in seen and child not in stop:
-                seen.add(child)
-                pending.append(child)
-    return leaves
+        if task >= 0:
+            visited |= seen
+    return edges, [node.variable for node in visited if type(node) is _ACCUMULATE]
 
 
 @dataclass
@@ -103,8 +97,11 @@ def heads_pass(
     """
     if any(z._backward_hooks for z in features) or total.grad_fn is None:
         return None
-    edges = _edges_into(outputs, features)
-    if not edges or {task for node_edges in edges.values() for task, _, _ in node_edges} != set(
+    scanned = _scan(total, outputs, features)
+    if scanned is None:
+        return None
+    edges, leaves = scanned
+    if {task for node_edges in edges.values() for task, _, _ in node_edges} != set(
         range(len(outputs))
     ):
         return None
@@ -120,7 +117,6 @@ def heads_pass(
 
         return hook
 
-    leaves = _leaves_above(total, features)
     handles = [node.register_hook(capture(node_edges)) for node, node_edges in edges.items()]
     try:
         grads = torch.autograd.grad(

@@ -283,19 +283,31 @@ def cagrad_inner(gramian: Tensor, c: float, tolerance: Tensor) -> Tensor:
     masks = face_masks(num, False, k.device)
     rhs = torch.stack([torch.where(masks, s, 0.0), torch.where(masks, b, 0.0)], dim=2)
     solved = pinv_solve(_face_systems(q, masks), rhs, _FACE_CUTOFF)
-    p, r = solved[..., 0], solved[..., 1]
-    a, bb, cc = (p * s).sum(-1), (r * s).sum(-1), (r * b).sum(-1)
-    disc = bb**2 - a * (cc - radius**2)
-    root = disc.clamp_min(0).sqrt()
-    mu = (bb + root) / a
-    y = (mu[:, None] * p - r) / root[:, None]
+    y, solvable = cagrad_face_minimisers(solved[..., 0], solved[..., 1], s, b, radius, torch.sqrt)
     values = y @ b + radius * torch.einsum("fi,ij,fj->f", y, q, y).clamp_min(0).sqrt()
-    feasible = _nonnegative(y) & (disc > 0) & (a > 0)
+    feasible = _nonnegative(y) & solvable
     face = _best(values, y, feasible, masks, b.abs().max() + radius).clamp_min(0) * s
     face = face / face.sum()
     mgda_norm = (mgda @ k @ mgda).clamp_min(0).sqrt()
     stationary = ~((radius > 0) & (k.diagonal().max() > 0) & (mgda_norm > tolerance(mgda)))
     return torch.where(stationary | ~torch.isfinite(face).all(), mgda, face)
+
+
+def cagrad_face_minimisers(p, r, s, b, radius, sqrt):
+    """The stationary point of CAGrad's dual on each face, from ``p = K_F^+ s`` and
+    ``r = K_F^+ b`` per face (rows), and where it exists; written once for numpy arrays and
+    torch tensors alike (``sqrt`` of the array library).
+
+    ``||mu p - r||_K = radius`` is ``a mu^2 - 2 bb mu + cc - radius^2 = 0`` with ``a = s^T p``,
+    ``bb = s^T r``, ``cc = b^T r``; the larger root makes the weights ``(mu p - r) / sqrt(disc)``
+    sum (``s^T y``) to one with a positive scale.
+    """
+    a, bb, cc = (p * s).sum(-1), (r * s).sum(-1), (r * b).sum(-1)
+    disc = bb**2 - a * (cc - radius**2)
+    root = sqrt(disc * (disc > 0))
+    mu = (bb + root) / a
+    y = (mu[:, None] * p - r) / root[:, None]
+    return y, (disc > 0) & (a > 0)
 
 
 def power_equation(gramian: Tensor, alpha: float, init: Tensor | None, ridge: float) -> Tensor:

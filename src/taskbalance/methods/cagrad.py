@@ -18,7 +18,10 @@ Solver (the paper uses scipy's SLSQP on the T weights, torchjd cvxpy): with
 ``s = ||g_w||``, the optimal ``s`` is the root of ``||g_{w(s)}|| = s`` where ``w(s)`` solves the
 simplex QP ``min_w F(w, s)`` exactly (:func:`taskbalance.methods._simplex.active_set`); the
 root is bracketed in ``[0, max_t ||g_t||]`` and found by the Illinois (regula falsi) method.
-At the optimum, every task with ``w_t > 0`` has the smallest improvement ``g_t . d``.
+At the optimum, every task with ``w_t > 0`` has the smallest improvement ``g_t . d``. Up to
+four tasks the dual is first solved in closed form on every face of the simplex at once
+(:func:`_best_face`; the root search remains for singular or tied faces), and on an
+accelerator always so (:mod:`taskbalance.methods._device_solvers`).
 
 Degenerate cases: ``c = 0`` returns the mean, 1/T each, with no solve; when ``||g_w||``
 vanishes (the tasks are Pareto-stationary: 0 lies in their convex hull) the weights fall back to
@@ -122,6 +125,9 @@ def _inner(k: np.ndarray, c: float, dtype: torch.dtype, max_iter: int = 100) -> 
     low_gap = norm(mgda)
     if not (radius > 0 and high > 0 and low_gap > stationary_tolerance(k, mgda, dtype)):
         return mgda
+    face = _best_face(k, b, radius) if num <= _EVERY_FACE_UP_TO else None
+    if face is not None:
+        return face
     lo, hi, f_lo = 0.0, float(high), low_gap
     f_hi, w_hi = gap(hi)
     if f_hi >= 0:
@@ -144,6 +150,46 @@ def _inner(k: np.ndarray, c: float, dtype: torch.dtype, max_iter: int = 100) -> 
                 f_lo = f_lo / 2
             side = -1
     return best
+
+
+_EVERY_FACE_UP_TO = 4
+"""Up to this many tasks the host first solves every face at once in closed form
+(:func:`_best_face`) instead of the root search's chain of QPs: about seven QPs at T = 3."""
+
+
+def _best_face(k: np.ndarray, b: np.ndarray, radius: float) -> np.ndarray | None:
+    """The dual's minimiser from every face's closed form at once
+    (:func:`taskbalance.methods._device_solvers.cagrad_face_minimisers`), in Jacobi-scaled
+    variables; ``None`` (the root search then runs) when a face system is singular or the best
+    face is not unique."""
+    num = k.shape[0]
+    diagonal = np.maximum(np.diagonal(k), 0.0)
+    if not (diagonal > 0).all():
+        return None
+    s = 1.0 / np.sqrt(diagonal)
+    q, bs = s[:, None] * k * s[None, :], s * b
+    faces = ((np.arange(1, 2**num)[:, None] >> np.arange(num)) & 1).astype(bool)
+    systems = np.where(faces[:, :, None] & faces[:, None, :], q, 0.0)
+    systems[:, np.arange(num), np.arange(num)] += ~faces
+    rhs = np.stack([np.where(faces, s, 0.0), np.where(faces, bs, 0.0)], axis=2)
+    try:
+        solved = np.linalg.solve(systems, rhs)
+    except np.linalg.LinAlgError:
+        return None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y, solvable = _device_solvers.cagrad_face_minimisers(
+            solved[..., 0], solved[..., 1], s, bs, radius, np.sqrt
+        )
+        curvature = np.einsum("fi,ij,fj->f", y, q, y)
+        size = 1.0 + np.abs(y).max(axis=1)
+        feasible = solvable & np.isfinite(size) & (y >= -1e-12 * size[:, None]).all(axis=1)
+        objective = y @ bs + radius * np.sqrt(np.maximum(curvature, 0.0))
+    values = np.where(feasible, objective, np.inf)
+    lowest = values.min()
+    if not np.isfinite(lowest) or (values <= lowest + 1e-9 * (abs(lowest) + 1.0)).sum() > 1:
+        return None
+    w = np.maximum(y[values.argmin()], 0.0) * s
+    return w / w.sum()
 
 
 def cagrad_weights(gramian: Tensor, c: float = 0.5, rescale: Rescale = "1+c^2") -> Tensor:

@@ -82,3 +82,22 @@ def test_step_matches_the_per_task_passes(name):
         grads.append([p.grad for p in params])
     for auto, loop in zip(*grads, strict=True):
         torch.testing.assert_close(auto, loop, rtol=1e-10, atol=1e-12)
+
+
+def test_head_hooks_and_retained_gradients_behave_as_in_a_plain_backward():
+    """A hook on a head's parameter shapes its gradient, a head tensor's ``retain_grad`` is
+    filled, and a post-accumulate hook runs, as with the per-task passes."""
+    results = []
+    for mode in ("auto", "loop"):
+        trunk, heads = _model()
+        heads[0].weight.register_hook(lambda g: 3 * g)
+        seen = []
+        heads[2].bias.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.clone()))
+        losses, z = _losses(trunk, heads)
+        kept = heads[1](z)
+        kept.retain_grad()
+        losses[1] = losses[1] + kept.pow(2).mean()
+        taskbalance.IMTLG().backward(losses, features=z, jacobian_mode=mode)
+        results.append((heads[0].weight.grad, kept.grad, seen[0], trunk[0].weight.grad))
+    for auto, loop in zip(*results, strict=True):
+        torch.testing.assert_close(auto, loop, rtol=1e-10, atol=1e-12)

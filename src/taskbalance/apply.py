@@ -311,7 +311,8 @@ def _gramian_update(
     if prepared.scale != 1:
         gram = gram / prepared.scale**2
     if on_accelerator(gram):
-        return _device_gramian_update(method, prepared, inputs, gram, combination)
+        weights, norms, cosines = _device_weights(method, prepared, inputs, gram)
+        return _SharedUpdate(inputs, combination(weights), weights, norms, cosines)
     # The T x T checks and the record on the host: one round trip, and numpy's operations on
     # a few numbers cost 0.5-3 us where torch's dispatch costs 2-9.
     host = gram.detach().cpu().numpy().copy()  # a method may edit its Gramian in place
@@ -332,15 +333,11 @@ def _gramian_update(
     return _SharedUpdate(inputs, combination(weights), weights, norms, cosines)
 
 
-def _device_gramian_update(
-    method: Balancer,
-    prepared: _Prepared,
-    inputs: tuple[Tensor, ...],
-    gram: Tensor,
-    combination: Callable[[Tensor], list[Tensor | None]],
-) -> _SharedUpdate:
-    """:func:`_gramian_update` with nothing read back from the device: the weights, norms and
-    cosines stay there (the record is read when the user reads it). The checks that need
+def _device_weights(
+    method: Balancer, prepared: _Prepared, inputs: tuple[Tensor, ...], gram: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The weights, norms and cosines of :func:`_gramian_update` with nothing read back from the
+    device: they stay there (the record is read when the user reads it). The checks that need
     values are left out: a task whose loss does not reach the inputs is found from the graph
     instead of from a zero norm, and non-finite gradients reach ``.grad`` as in a plain
     backward (a GradScaler's own device-side check then skips the step)."""
@@ -357,7 +354,7 @@ def _device_gramian_update(
             f"{len(prepared.losses.names)} tasks"
         )
     norms = _norms(gram)
-    return _SharedUpdate(inputs, combination(weights), weights, norms, _cosines(gram, norms))
+    return weights, norms, _cosines(gram, norms)
 
 
 _LAYER_WORKSPACES: weakref.WeakKeyDictionary[Balancer, Workspace] = weakref.WeakKeyDictionary()

@@ -29,6 +29,7 @@ from torch.nn import functional
 
 from taskbalance import IMTLG
 from taskbalance.engine import SparseGradientError, UncoveredLayerError
+from taskbalance.engine.placement import device_resident
 
 NUM_TRUNKS = 320
 CHUNKS = 4
@@ -255,14 +256,19 @@ def reference_jacobian(case: Case, level: str) -> tuple[Tensor, Tensor]:
 
 
 def engine_step(case: Case, level: str, path: str, mode: str):
+    """One step; ``mode`` is a Jacobian mode, or ``"device"``: the default mode on the
+    accelerator's path (device solver, nothing read back), run on the CPU tensors."""
     for param in (*case.trunk.parameters(), *case.heads.parameters()):
         param.grad = None
     losses, z = case.forward()
     method = IMTLG(level=level)
-    if level == "parameter":
-        info = method.backward(losses, shared=case.trunk, gramian_path=path, jacobian_mode=mode)
-    else:
-        info = method.backward(losses, features=z, jacobian_mode=mode)
+    resident = mode == "device"
+    mode = "auto" if resident else mode
+    with device_resident(resident):
+        if level == "parameter":
+            info = method.backward(losses, shared=case.trunk, gramian_path=path, jacobian_mode=mode)
+        else:
+            info = method.backward(losses, features=z, jacobian_mode=mode)
     return info, _rows(tuple(p.grad for p in case.params), case.params)
 
 
@@ -288,8 +294,11 @@ VARIANTS = [
     ("parameter", "layerwise", "loop"),
     ("parameter", "layerwise", "batched"),
     ("parameter", "jacobian", "loop"),
+    ("parameter", "auto", "device"),
+    ("feature", "auto", "auto"),  # one pass through the heads where they are disjoint
     ("feature", "auto", "loop"),
     ("feature", "auto", "batched"),
+    ("feature", "auto", "device"),
 ]
 
 

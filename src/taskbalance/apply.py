@@ -272,7 +272,9 @@ def _shared_update(
         gram = gramian(blocks, num_tasks)
         if ranks is not None and feature_level:
             gram = ranks.sum(gram) / ranks.world_size**2  # K = (1/R^2) sum_r K^r
-        return _gramian_update(method, prepared, inputs, gram, lambda a: combine(a, blocks))
+        return _gramian_update(
+            method, prepared, inputs, gram, lambda a: combine(a, blocks), captured is not None
+        )
     matrix = to_matrix(blocks, inputs, num_tasks, workspace)
     if ranks is not None and feature_level:
         # The global z is the concatenation of the shards' z^r; dL_t/dz^r = (1/R) dL_t^r/dz^r.
@@ -305,13 +307,16 @@ def _gramian_update(
     inputs: tuple[Tensor, ...],
     gram: Tensor,
     combination: Callable[[Tensor], list[Tensor | None]],
+    reached: bool = False,
 ) -> _SharedUpdate:
     """The method's weights from the Gramian of the (loss-scaled) per-task gradients, and
-    ``combination(a)``, the weighted sum of the per-task gradients, as the update."""
+    ``combination(a)``, the weighted sum of the per-task gradients, as the update.
+    ``reached``: every task is known to reach the inputs (the heads' one pass found its edges),
+    so the accelerator path need not walk the graph to check it."""
     if prepared.scale != 1:
         gram = gram / prepared.scale**2
     if on_accelerator(gram):
-        weights, norms, cosines = _device_weights(method, prepared, inputs, gram)
+        weights, norms, cosines = _device_weights(method, prepared, inputs, gram, reached)
         return _SharedUpdate(inputs, combination(weights), weights, norms, cosines)
     # The T x T checks and the record on the host: one round trip, and numpy's operations on
     # a few numbers cost 0.5-3 us where torch's dispatch costs 2-9.
@@ -334,14 +339,14 @@ def _gramian_update(
 
 
 def _device_weights(
-    method: Balancer, prepared: _Prepared, inputs: tuple[Tensor, ...], gram: Tensor
+    method: Balancer, prepared: _Prepared, inputs: tuple[Tensor, ...], gram: Tensor, reached: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The weights, norms and cosines of :func:`_gramian_update` with nothing read back from the
     device: they stay there (the record is read when the user reads it). The checks that need
     values are left out: a task whose loss does not reach the inputs is found from the graph
     instead of from a zero norm, and non-finite gradients reach ``.grad`` as in a plain
     backward (a GradScaler's own device-side check then skips the step)."""
-    for index, loss in enumerate(prepared.losses.tensors):
+    for index, loss in enumerate(() if reached else prepared.losses.tensors):
         if not reaches(loss, inputs):
             name = prepared.losses.names[index]
             raise InvalidLossError(

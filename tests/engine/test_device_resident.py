@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import taskbalance
 from taskbalance.engine.placement import device_resident, on_accelerator
+from taskbalance.errors import InvalidLossError
 from taskbalance.methods import _device_solvers
 from taskbalance.methods._simplex import nonnegative_qp, power_equation, simplex_qp
 from taskbalance.methods.cagrad import cagrad_weights
@@ -81,13 +82,14 @@ def test_loss_methods_read_nothing_back(name):
 
 
 def test_the_finiteness_check_is_the_one_read():
-    """``on_nonfinite="raise"`` (the default) reads the losses once; the test's detector sees
-    it, so that a passing no-read test means something."""
+    """``on_nonfinite="raise"`` (the default) reads the losses back, and the detector records
+    it before the meta device refuses: a passing no-read test means something."""
     method = taskbalance.IMTLG().to("meta")
     trunk = nn.Linear(4, 4).to("meta")
     z = trunk(torch.empty(2, 4, device="meta"))
-    with pytest.raises((RuntimeError, NotImplementedError)):  # meta holds no values to check
+    with HostReads() as mode, pytest.raises((RuntimeError, NotImplementedError)):
         method.backward([z.sum(), z.mean()], features=z)
+    assert mode.reads == ["aten._to_copy.default"]
 
 
 def _gramians(num: int, count: int, seed: int) -> list[torch.Tensor]:
@@ -229,3 +231,12 @@ def test_placement():
     with device_resident():
         assert on_accelerator(torch.zeros(1))
     assert not on_accelerator(torch.zeros(1))
+
+
+def test_a_task_off_the_shared_part_is_named_without_reading_its_norm():
+    """On the accelerator path the zero norm is not read; the graph names the task."""
+    trunk, head = nn.Linear(3, 3), nn.Linear(3, 1)
+    x = torch.ones(2, 3)
+    losses = {"on": head(trunk(x)).sum(), "off": head(x).sum()}
+    with device_resident(), pytest.raises(InvalidLossError, match="task 'off' does not depend"):
+        taskbalance.IMTLG(level="parameter").backward(losses, shared=trunk)

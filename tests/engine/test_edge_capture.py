@@ -84,7 +84,6 @@ def test_step_matches_the_per_task_passes(name):
         torch.testing.assert_close(auto, loop, rtol=1e-10, atol=1e-12)
 
 
-
 def test_head_hooks_and_retained_gradients_behave_as_in_a_plain_backward():
     """A hook on a head's parameter shapes its gradient and a post-accumulate hook runs, as
     with the per-task passes; a head tensor's ``retain_grad`` gets its gradient once (the
@@ -94,7 +93,9 @@ def test_head_hooks_and_retained_gradients_behave_as_in_a_plain_backward():
         trunk, heads = _model()
         heads[0].weight.register_hook(lambda g: 3 * g)
         seen = []
-        heads[2].bias.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.clone()))
+        heads[2].bias.register_post_accumulate_grad_hook(
+            lambda p, seen=seen: seen.append(p.grad.clone())
+        )
         losses, z = _losses(trunk, heads)
         kept = heads[1](z)
         kept.retain_grad()

@@ -25,7 +25,7 @@ Edge = tuple[int, int, int]
 """(task, index among the node's next functions, feature index)."""
 
 
-_ACCUMULATE = type(torch.ones(1, requires_grad=True).sum().grad_fn.next_functions[0][0])
+_ACCUMULATE = torch._C._functions.AccumulateGrad
 """The node type through which a leaf receives its gradient (``node.variable`` is the leaf)."""
 
 

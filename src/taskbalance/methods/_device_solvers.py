@@ -28,6 +28,8 @@ not, and serves Newton's positive definite systems.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -56,6 +58,10 @@ _BACKTRACKS = 40
 """Step sizes ``2^-j`` tried at once by the line search of :func:`power_equation`."""
 
 _faces: dict[tuple[int, bool, str], Tensor] = {}
+"""Face masks by (size, with the empty face, device): made once, not every step."""
+
+_pairs: dict[tuple[int, str], Tensor] = {}
+"""Jacobi's round-robin pairings by (size, device)."""
 
 
 def face_masks(num: int, empty: bool, device: torch.device) -> Tensor:
@@ -86,16 +92,16 @@ def _check_size(num: int, what: str) -> None:
 def _pairings(size: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Round-robin pairings of ``size`` (even) indices: ``size - 1`` rounds of ``size / 2``
     disjoint pairs ``(p, q)``, ``p < q``, every pair once per sweep."""
-    key = (size, True, f"pairs {device}")
-    if key not in _faces:
+    key = (size, str(device))
+    if key not in _pairs:
         ring = list(range(1, size))
         rounds = []
         for _ in range(size - 1):
             order = [0, *ring]
             rounds.append([sorted((order[i], order[size - 1 - i])) for i in range(size // 2)])
             ring = ring[-1:] + ring[:-1]
-        _faces[key] = torch.tensor(rounds, device=device)
-    pairs = _faces[key]
+        _pairs[key] = torch.tensor(rounds, device=device)
+    pairs = _pairs[key]
     return pairs[..., 0], pairs[..., 1]
 
 
@@ -264,7 +270,7 @@ def imtl_g_weights(gramian: Tensor, degenerate: float) -> Tensor:
     return torch.where(solvable, x / torch.where(solvable, total, 1.0), equal).to(gramian.dtype)
 
 
-def cagrad_inner(gramian: Tensor, c: float, tolerance: Tensor) -> Tensor:
+def cagrad_inner(gramian: Tensor, c: float, tolerance: Callable[[Tensor], Tensor]) -> Tensor:
     """CAGrad's dual weights (:func:`taskbalance.methods.cagrad.cagrad_inner`) on the device:
     MGDA's weights where MGDA's minimum norm is within ``tolerance(mgda)`` of zero, else the
     best face's closed form.
@@ -293,7 +299,7 @@ def cagrad_inner(gramian: Tensor, c: float, tolerance: Tensor) -> Tensor:
     return torch.where(stationary | ~torch.isfinite(face).all(), mgda, face)
 
 
-def cagrad_face_minimisers(p, r, s, b, radius, sqrt):
+def cagrad_face_minimisers(p: Any, r: Any, s: Any, b: Any, radius: Any, sqrt: Any) -> tuple:
     """The stationary point of CAGrad's dual on each face, from ``p = K_F^+ s`` and
     ``r = K_F^+ b`` per face (rows), and where it exists; written once for numpy arrays and
     torch tensors alike (``sqrt`` of the array library).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -300,3 +301,45 @@ def test_the_step_does_not_import_the_methods_package():
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert not {name for name in imported if name and name.startswith("taskbalance.methods")}
+
+
+class _NaNWeights(taskbalance.Method):
+    """A Gramian method whose solve goes wrong: its weights are not finite."""
+
+    requires = taskbalance.Requirement.GRAMIAN
+    levels = ("feature", "parameter")
+    default_level = "feature"
+
+    def shared_weights(self, losses, gramian):
+        return torch.full_like(losses, float("nan"))
+
+
+class _NaNHostWeights(_NaNWeights):
+    def host_weights(self, losses, gramian):
+        return np.full(losses.shape, np.nan)
+
+
+@pytest.mark.parametrize("method_type", [_NaNWeights, _NaNHostWeights])
+def test_weights_that_are_not_finite_are_an_error_naming_the_method_and_nothing_is_written(
+    method_type,
+):
+    model = SharedBottom(2)
+    losses, z = model.losses(*batch(2))
+    with pytest.raises(RuntimeError, match=rf"{method_type.__name__} produced invalid weights"):
+        method_type().backward(losses, features=z)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_record_keeps_the_gramians_dtype_and_matches_autograd():
+    model = SharedBottom(3, dtype=torch.float32)
+    losses, z = model.losses(*batch(3, dtype=torch.float32))
+    rows = torch.stack(
+        [torch.autograd.grad(loss, z, retain_graph=True)[0].flatten() for loss in losses.values()]
+    ).double()
+    info = IMTLG().backward(losses, features=z)
+    norms = rows.norm(dim=1)
+    record = (info.grad_norms, info.cosines, info.gradient_weights)
+    assert {value.dtype for value in record} == {torch.float32}
+    torch.testing.assert_close(info.grad_norms.double(), norms, rtol=1e-5, atol=0)
+    cosines = (rows @ rows.T) / torch.outer(norms, norms)
+    torch.testing.assert_close(info.cosines.double(), cosines, rtol=1e-5, atol=1e-6)

@@ -61,7 +61,7 @@ from taskbalance.engine.gramian_path import (
     plan_layers,
 )
 from taskbalance.engine.jacobian import sparse_gradient_message
-from taskbalance.engine.placement import on_accelerator
+from taskbalance.engine.placement import HostGramian, on_accelerator, to_host
 from taskbalance.engine.requirement import Level, Requirement
 from taskbalance.errors import InvalidLossError, NonFiniteLossError
 from taskbalance.fsdp import (
@@ -244,17 +244,20 @@ def _shared_update(
     num_tasks = len(prepared.losses.names)
     ranks = prepared.reducer
     feature_level = method.level == "feature"
-    outputs = prepared.weighted_tasks()
     if feature_level and len(inputs) > 1 and captured is None:
         _check_common_features(prepared.losses, inputs)
     if method.requires is Requirement.GRAMIAN:
-        layerwise = _layerwise(method, prepared, outputs, inputs, mode, path, module)
+        layerwise = _layerwise(method, prepared, inputs, mode, path, module)
         if layerwise is not None:
             return _gramian_update(method, prepared, inputs, layerwise.gramian, layerwise.combine)
     # The blocks never leave this step, so they may live in the method's reused workspace.
     workspace = _WORKSPACES.setdefault(method, Workspace())
     try:
-        blocks = task_jacobian(outputs, inputs, mode, workspace) if captured is None else captured
+        blocks = (
+            task_jacobian(prepared.weighted_tasks(), inputs, mode, workspace)
+            if captured is None
+            else captured
+        )
     except SparseGradientError as error:
         names = _trainable_names(module)
         if names is None or error.index < 0:
@@ -318,24 +321,51 @@ def _gramian_update(
     if on_accelerator(gram):
         weights, norms, cosines = _device_weights(method, prepared, inputs, gram, reached)
         return _SharedUpdate(inputs, combination(weights), weights, norms, cosines)
-    # The T x T checks and the record on the host: one round trip, and numpy's operations on
-    # a few numbers cost 0.5-3 us where torch's dispatch costs 2-9.
-    host = gram.detach().cpu().numpy().copy()  # a method may edit its Gramian in place
+    # The T x T checks, the record and (for a method with a host form) the solve on the host:
+    # one round trip, and numpy's operations on a few numbers cost 0.5-3 us where torch's
+    # dispatch costs 2-9.
+    host = to_host(gram)
     host_norms = np.sqrt(np.maximum(np.diagonal(host), 0.0))
-    healthy = bool(np.isfinite(host).all() and (host_norms > 0).all())
-    if not healthy:
-        if not _finite_or_overflow(prepared, gram):
-            return _SharedUpdate(inputs, combination(torch.ones_like(gram[0])), None, *_NO_NORMS)
-        _check_reachable(method, prepared.losses, _norms(gram), inputs)
+    if not (np.isfinite(host).all() and (host_norms > 0).all()):
+        return _unhealthy_update(method, prepared, inputs, gram, combination)
+    # The record first: a method may edit the Gramian tensor it is given in place.
+    cosines = host / np.outer(host_norms, host_norms)
+    record = torch.from_numpy(np.concatenate((host_norms, cosines.ravel()))).to(gram.dtype)
+    num_tasks = len(prepared.losses.names)
+    norms, cosines_tensor = record[:num_tasks], record[num_tasks:].view(num_tasks, num_tasks)
+    host_weights = getattr(method, "host_weights", None)
+    if host_weights is None:
+        weights = method.shared_weights(prepared.weighted_values(), gram).detach()
+        _check_weights(method, weights, num_tasks)
+    else:
+        host_gram = HostGramian(host, host_norms, cosines, torch.finfo(gram.dtype).eps)
+        values = host_weights(to_host(prepared.weighted_values()), host_gram)
+        if values.shape != (num_tasks,) or not np.isfinite(values).all():
+            raise RuntimeError(
+                f"{type(method).__name__} produced invalid weights {values.tolist()} "
+                f"(expected {num_tasks} finite numbers)"
+            )
+        weights = torch.from_numpy(values).to(gram.dtype)
+    return _SharedUpdate(inputs, combination(weights), weights, norms, cosines_tensor)
+
+
+def _unhealthy_update(
+    method: Balancer,
+    prepared: _Prepared,
+    inputs: tuple[Tensor, ...],
+    gram: Tensor,
+    combination: Callable[[Tensor], list[Tensor | None]],
+) -> _SharedUpdate:
+    """:func:`_gramian_update` for a Gramian with a non-finite entry (an overflow under a
+    GradScaler goes through unweighted, anything else raises) or a zero gradient (legitimate
+    unless the task never reaches the inputs)."""
+    if not _finite_or_overflow(prepared, gram):
+        return _SharedUpdate(inputs, combination(torch.ones_like(gram[0])), None, *_NO_NORMS)
+    _check_reachable(method, prepared.losses, _norms(gram), inputs)
     weights = method.shared_weights(prepared.weighted_values(), gram).detach()
     _check_weights(method, weights, len(prepared.losses.names))
-    if healthy:
-        norms = torch.from_numpy(host_norms).to(gram.device)
-        cosines = torch.from_numpy(host / np.outer(host_norms, host_norms)).to(gram.device)
-    else:
-        norms = _norms(gram)
-        cosines = _cosines(gram, norms)
-    return _SharedUpdate(inputs, combination(weights), weights, norms, cosines)
+    norms = _norms(gram)
+    return _SharedUpdate(inputs, combination(weights), weights, norms, _cosines(gram, norms))
 
 
 def _device_weights(
@@ -371,7 +401,6 @@ _warned_uncovered: set[str] = set()
 def _layerwise(
     method: Balancer,
     prepared: _Prepared,
-    outputs: list[Tensor],
     params: tuple[Tensor, ...],
     mode: JacobianMode,
     path: GramianPath,
@@ -394,6 +423,7 @@ def _layerwise(
         return None
     # "auto" also takes the layerwise path, every covered layer by rows, when the Jacobian would
     # not fit in memory, even where the blocks cost fewer flops.
+    outputs = prepared.weighted_tasks()
     too_big = path == "auto" and not jacobian_fits(len(outputs), params)
     plan = plan_layers(outputs, params, force=path == "layerwise" or too_big)
     if plan.uncovered:

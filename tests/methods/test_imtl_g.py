@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+import taskbalance
 from support.samplers import GENERIC_SAMPLERS, near_collinear, random_jacobian, unit_rows
 from taskbalance import imtl_g_weights
+from taskbalance.engine.placement import HostGramian
 
 
 @pytest.mark.parametrize("sampler", GENERIC_SAMPLERS)
@@ -117,3 +120,19 @@ def test_agrees_with_torchjd_on_hundreds_of_jacobians():
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-8)
         checked += 1
     assert checked == 300
+
+
+@pytest.mark.parametrize("method", [taskbalance.IMTLG(), taskbalance.IMTL(tasks=8)])
+def test_the_steps_host_solve_equals_the_tensor_solve(method):
+    checked = 0
+    for seed in range(100):
+        sampler = GENERIC_SAMPLERS[seed % len(GENERIC_SAMPLERS)]
+        num_tasks = 2 + seed % 7
+        gram = (lambda j: j @ j.T)(sampler(num_tasks, dim=40, seed=seed))
+        k = gram.numpy()
+        norms = np.sqrt(np.diagonal(k))
+        host = HostGramian(k, norms, k / np.outer(norms, norms), torch.finfo(gram.dtype).eps)
+        ours = method.host_weights(np.zeros(num_tasks), host)
+        torch.testing.assert_close(torch.from_numpy(ours), imtl_g_weights(gram), rtol=1e-9, atol=0)
+        checked += 1
+    assert checked == 100

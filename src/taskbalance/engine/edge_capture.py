@@ -130,6 +130,8 @@ def heads_pass(
         if not row:
             blocks.append(None)
             continue
-        zero = torch.zeros_like(z)
-        blocks.append(torch.stack([row.get(task, zero) for task in range(len(outputs))]))
+        if len(row) < len(outputs):  # a task whose edges carried no gradient: a zero row
+            zero = torch.zeros_like(z)
+            row = {task: row.get(task, zero) for task in range(len(outputs))}
+        blocks.append(torch.stack([row[task] for task in range(len(outputs))]))
     return HeadsPass(blocks, leaves, grads[: len(leaves)])

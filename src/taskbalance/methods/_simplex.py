@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from taskbalance.engine.placement import on_accelerator
+from taskbalance.engine.placement import on_accelerator, to_host
 from taskbalance.methods import _device_solvers
 
 _TOL = 1e-12
@@ -47,17 +47,6 @@ def check_gramian(gramian: Tensor) -> None:
     """
     if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1] or gramian.shape[0] == 0:
         raise ValueError(f"a Gramian must be a non-empty square matrix, got {tuple(gramian.shape)}")
-
-
-def to_host(tensor: Tensor) -> np.ndarray:
-    """``tensor`` as a float64 numpy array on the host (no copy for a CPU float64 tensor).
-
-    >>> to_host(torch.tensor([1.0, 2.0])).dtype
-    dtype('float64')
-    """
-    # Chained positional conversions, each a no-op when it has nothing to do: the keyword form
-    # of .to() costs several microseconds of argument parsing on every step.
-    return tensor.detach().cpu().double().numpy()
 
 
 def to_tensor(array: np.ndarray, like: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 from torch import Tensor
 
+from taskbalance.engine.placement import HostGramian
 from taskbalance.engine.requirement import Level, Requirement
-from taskbalance.methods.imtl_g import imtl_g_weights
+from taskbalance.methods.imtl_g import imtl_g_host, imtl_g_weights
 from taskbalance.methods.imtl_l import IMTLL
 from taskbalance.methods.registry import register
 
@@ -49,3 +51,7 @@ class IMTL(IMTLL):
     def shared_weights(self, losses: Tensor, gramian: Tensor) -> Tensor:
         """IMTL-G weights of the gradients of ``exp(s_t) L_t``; see ``imtl_g_weights``."""
         return imtl_g_weights(gramian)
+
+    def host_weights(self, losses: np.ndarray, gramian: HostGramian) -> np.ndarray:
+        """The same on the host; see ``imtl_g_host``."""
+        return imtl_g_host(gramian.cosines, 1.0 / gramian.norms, gramian.eps)

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from taskbalance.engine.placement import on_accelerator
+from taskbalance.engine.placement import HostGramian, on_accelerator, to_host
 from taskbalance.engine.requirement import Level, Requirement
 from taskbalance.methods import _device_solvers
 from taskbalance.methods._device_solvers import FACE_LIMIT
-from taskbalance.methods._simplex import diagonal_norms, inverse_eigenvalues, to_host, to_tensor
+from taskbalance.methods._simplex import diagonal_norms, inverse_eigenvalues, to_tensor
 from taskbalance.methods.base import Method
 from taskbalance.methods.registry import register
 
@@ -62,26 +62,37 @@ def imtl_g_weights(gramian: Tensor) -> Tensor:
     if on_accelerator(gramian) and gramian.shape[0] <= FACE_LIMIT:
         return _device_solvers.imtl_g_weights(gramian, _DEGENERATE)
     k = to_host(gramian)
-    num_tasks = k.shape[0]
     norms = diagonal_norms(k)
     alive = norms > 0
     # A zero gradient's row and column of C are set to zero instead of being cut out: the
-    # pseudo-inverse of the padded matrix is that of the live block padded with zeros, so
-    # b is the same.
+    # pseudo-inverse of the padded matrix is that of the live block padded with zeros, so b is
+    # the same.
     inverse_norms = np.where(alive, 1.0 / np.where(alive, norms, 1.0), 0.0)
-    cosines = k * inverse_norms[:, None] * inverse_norms[None, :]
-    # pinv(C) @ 1 = V (e^+ * V^T 1), without forming the pseudo-inverse; the cut-off is that of
-    # the Gramian's own dtype, as torch.linalg.pinv would apply to it.
+    cosines = k * np.outer(inverse_norms, inverse_norms)
+    weights = imtl_g_host(cosines, inverse_norms, torch.finfo(gramian.dtype).eps)
+    return to_tensor(weights, gramian, gramian.dtype)
+
+
+def imtl_g_host(cosines: np.ndarray, inverse_norms: np.ndarray, eps: float) -> np.ndarray:
+    """:func:`imtl_g_weights` from float64 host arrays: the cosine matrix ``C`` and the
+    inverse gradient norms ``1 / ||g_t||`` (zero rows, columns and entries for a zero
+    gradient); ``eps``: the machine epsilon of the dtype the Gramian was computed in, which
+    sets the pseudo-inverse's cut-off.
+
+    >>> imtl_g_host(np.eye(2), np.array([1.0, 0.5]), 1e-7)
+    array([0.66666667, 0.33333333])
+    """
+    num_tasks = cosines.shape[0]
+    # pinv(C) @ 1 = V (e^+ * V^T 1), without forming the pseudo-inverse.
     eigenvalues, vectors = np.linalg.eigh(cosines)
-    eps = torch.finfo(gramian.dtype).eps
     b = vectors @ (inverse_eigenvalues(eigenvalues, num_tasks, eps) * vectors.sum(axis=0))
     x = b * inverse_norms
     total = x.sum()
     if not (np.abs(b).sum() > _DEGENERATE and abs(total) > _DEGENERATE * np.abs(x).sum()):
+        alive = inverse_norms > 0
         count = alive.sum()
-        equal = alive / count if count > 0 else np.full(num_tasks, 1.0 / num_tasks)
-        return to_tensor(equal, gramian, gramian.dtype)
-    return to_tensor(x / total, gramian, gramian.dtype)
+        return alive / count if count > 0 else np.full(num_tasks, 1.0 / num_tasks)
+    return x / total
 
 
 @register
@@ -109,3 +120,7 @@ class IMTLG(Method):
     def shared_weights(self, losses: Tensor, gramian: Tensor) -> Tensor:
         """See :func:`imtl_g_weights`."""
         return imtl_g_weights(gramian)
+
+    def host_weights(self, losses: np.ndarray, gramian: HostGramian) -> np.ndarray:
+        """See :func:`imtl_g_host`."""
+        return imtl_g_host(gramian.cosines, 1.0 / gramian.norms, gramian.eps)

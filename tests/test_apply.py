@@ -316,18 +316,24 @@ class _NaNWeights(taskbalance.Method):
 
 class _NaNHostWeights(_NaNWeights):
     def host_weights(self, losses, gramian):
-        return np.full(losses.shape, np.nan)
+        return np.full(tuple(losses.shape), np.nan)
 
 
+@pytest.mark.parametrize("level", ["feature", "parameter"])
 @pytest.mark.parametrize("method_type", [_NaNWeights, _NaNHostWeights])
-def test_weights_that_are_not_finite_are_an_error_naming_the_method_and_nothing_is_written(
-    method_type,
-):
+def test_weights_that_are_not_finite_are_an_error_naming_the_method(method_type, level):
+    """At parameter level nothing is written; the feature level's one backward has passed the
+    heads when the method runs, so the shared part gets nothing and the error says so."""
     model = SharedBottom(2)
     losses, z = model.losses(*batch(2))
-    with pytest.raises(RuntimeError, match=rf"{method_type.__name__} produced invalid weights"):
-        method_type().backward(losses, features=z)
-    assert all(p.grad is None for p in model.parameters())
+    expected = rf"{method_type.__name__} produced invalid weights"
+    with pytest.raises(RuntimeError, match=expected) as raised:
+        method_type(level=level).backward(losses, shared=model.trunk, features=z)
+    assert all(p.grad is None for p in model.trunk.parameters())
+    if level == "parameter":
+        assert all(p.grad is None for p in model.parameters())
+    else:
+        assert "zero the gradients" in " ".join(raised.value.__notes__)
 
 
 def test_the_record_keeps_the_gramians_dtype_and_matches_autograd():

@@ -52,7 +52,7 @@ from taskbalance.engine import (
     to_matrix,
     unique_tensors,
 )
-from taskbalance.engine.edge_capture import heads_pass
+from taskbalance.engine.edge_capture import backward_through_heads
 from taskbalance.engine.gramian_path import (
     GramianPath,
     LayerwiseGramian,
@@ -61,7 +61,7 @@ from taskbalance.engine.gramian_path import (
     plan_layers,
 )
 from taskbalance.engine.jacobian import sparse_gradient_message
-from taskbalance.engine.placement import HostGramian, on_accelerator, to_host
+from taskbalance.engine.placement import HostGramian, on_accelerator, to_host, to_tensor
 from taskbalance.engine.requirement import Level, Requirement
 from taskbalance.errors import InvalidLossError, NonFiniteLossError
 from taskbalance.fsdp import (
@@ -239,8 +239,8 @@ def _shared_update(
     module: nn.Module | Iterable[Tensor] | Tensor | None = None,
     captured: list[Tensor | None] | None = None,
 ) -> _SharedUpdate:
-    """``captured``: the per-task blocks at the features when :func:`heads_pass` has already
-    computed them (and checked the features)."""
+    """``captured``: the per-task blocks at the features when the step's one backward
+    (:func:`backward_through_heads`) has read them."""
     num_tasks = len(prepared.losses.names)
     ranks = prepared.reducer
     feature_level = method.level == "feature"
@@ -325,27 +325,30 @@ def _gramian_update(
     # one round trip, and numpy's operations on a few numbers cost 0.5-3 us where torch's
     # dispatch costs 2-9.
     host = to_host(gram)
-    host_norms = np.sqrt(np.maximum(np.diagonal(host), 0.0))
-    if not (np.isfinite(host).all() and (host_norms > 0).all()):
+    squared_norms = np.diagonal(host)
+    # One sum finds a NaN or an infinity anywhere (a sum of finite products computed in at
+    # most float32 is finite in float64), one minimum a zero gradient.
+    if not (np.isfinite(host.sum()) and squared_norms.min() > 0):
         return _unhealthy_update(method, prepared, inputs, gram, combination)
+    host_norms = np.sqrt(squared_norms)
     # The record first: a method may edit the Gramian tensor it is given in place.
     cosines = host / np.outer(host_norms, host_norms)
-    record = torch.from_numpy(np.concatenate((host_norms, cosines.ravel()))).to(gram.dtype)
+    norms = to_tensor(host_norms, gram, gram.dtype)
+    cosines_tensor = to_tensor(cosines, gram, gram.dtype)
     num_tasks = len(prepared.losses.names)
-    norms, cosines_tensor = record[:num_tasks], record[num_tasks:].view(num_tasks, num_tasks)
     host_weights = getattr(method, "host_weights", None)
     if host_weights is None:
         weights = method.shared_weights(prepared.weighted_values(), gram).detach()
         _check_weights(method, weights, num_tasks)
     else:
         host_gram = HostGramian(host, host_norms, cosines, torch.finfo(gram.dtype).eps)
-        values = host_weights(to_host(prepared.weighted_values()), host_gram)
+        values = host_weights(prepared.weighted_values(), host_gram)
         if values.shape != (num_tasks,) or not np.isfinite(values).all():
             raise RuntimeError(
                 f"{type(method).__name__} produced invalid weights {values.tolist()} "
                 f"(expected {num_tasks} finite numbers)"
             )
-        weights = torch.from_numpy(values).to(gram.dtype)
+        weights = to_tensor(values, gram, gram.dtype)
     return _SharedUpdate(inputs, combination(weights), weights, norms, cosines_tensor)
 
 
@@ -789,28 +792,37 @@ def _feature_step(
     mode: JacobianMode,
     retain_graph: bool,
 ) -> _SharedUpdate:
-    """A feature-level step. Outside torch.distributed, with disjoint heads: one backward of
-    the total loss through the heads gives their gradients and every task's row at z
-    (:func:`taskbalance.engine.edge_capture.heads_pass`), then the trunk's backward starts at z
-    with the combination. Otherwise the per-task passes, and one backward of the total with
-    the combination substituted at z (which DDP's and FSDP's hooks need to see)."""
-    if mode == "auto" and prepared.reducer is None and not initialised():
-        if len(features) > 1:
-            _check_common_features(prepared.losses, features)
-        done = heads_pass(prepared.total, prepared.weighted_tasks(), features)
-        if done is not None:
-            update = _shared_update(method, prepared, features, mode, captured=done.blocks)
-            _accumulate(tuple(done.leaves), list(done.leaf_grads))
-            used = [(z, g) for z, g in zip(features, update.update, strict=True) if g is not None]
-            if used:
-                torch.autograd.backward(
-                    [z for z, _ in used], [g for _, g in used], retain_graph=retain_graph
-                )
-            return update
+    """A feature-level step. Outside torch.distributed, for one feature tensor read by disjoint
+    heads: ONE backward of the total loss, which reads every task's row at z on its way through
+    the heads and continues into the trunk with the combination
+    (:func:`taskbalance.engine.edge_capture.backward_through_heads`). Otherwise the per-task
+    passes, and one backward of the total with the combination substituted at z (which DDP's
+    and FSDP's hooks need to see)."""
+    if len(features) == 1 and mode == "auto" and prepared.reducer is None and not initialised():
+        done: list[_SharedUpdate] = []
+
+        def substitute(block: Tensor) -> Tensor:
+            try:
+                done.append(_shared_update(method, prepared, features, mode, captured=[block]))
+            except Exception as error:
+                error.add_note(_RAISED_INSIDE_THE_BACKWARD)
+                raise
+            return done[0].update[0]
+
+        outputs = prepared.weighted_tasks()
+        if backward_through_heads(prepared.total, outputs, features[0], substitute, retain_graph):
+            return done[0]
     with units_held():  # under FSDP2, one all-gather per unit serves every pass
         update = _feature_update(method, prepared, features, mode)
     _backward_substituting(prepared, update.inputs, update.update, retain_graph)
     return update
+
+
+_RAISED_INSIDE_THE_BACKWARD = (
+    "taskbalance: raised inside the feature-level step's one backward, where the heads' .grad "
+    "may already hold this step's gradients and the shared part has received nothing; zero "
+    "the gradients (optimizer.zero_grad()) before the next step"
+)
 
 
 def _feature_update(

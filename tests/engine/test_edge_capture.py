@@ -1,6 +1,5 @@
-"""The feature level's one backward through the heads: the same rows, the same gradients
-everywhere, as the per-task passes; and the per-task passes wherever the rows cannot be told
-apart by task."""
+"""The feature level's one backward: the same rows, the same gradients everywhere, as the
+per-task passes; and the per-task passes wherever the rows cannot be told apart by task."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ from torch import nn
 
 import taskbalance
 from taskbalance.engine import task_jacobian
-from taskbalance.engine.edge_capture import heads_pass
+from taskbalance.engine.edge_capture import backward_through_heads
 
 
 def _model(seed: int = 0):
@@ -32,29 +31,35 @@ def _losses(trunk, heads, z=None):
     return losses, z
 
 
-def test_rows_and_head_gradients_match_the_per_task_passes():
+def test_rows_match_the_per_task_passes_and_every_gradient_the_substituted_backward():
     trunk, heads = _model()
     losses, z = _losses(trunk, heads)
     weights = torch.tensor([0.5, 2.0, 1.5], dtype=torch.float64)
     outputs = [w * loss for w, loss in zip(weights, losses, strict=True)]
-    done = heads_pass(sum(outputs), outputs, [z])
-    assert done is not None
     (expected,) = task_jacobian(outputs, [z], "loop")
-    torch.testing.assert_close(done.blocks[0], expected, rtol=1e-12, atol=1e-14)
-    head_params = list(heads.parameters())
-    reference = torch.autograd.grad(sum(outputs), head_params, retain_graph=True)
-    by_id = {id(p): g for p, g in zip(done.leaves, done.leaf_grads, strict=True)}
-    assert set(by_id) == {id(p) for p in head_params}  # no trunk parameter among them
-    for param, grad in zip(head_params, reference, strict=True):
-        torch.testing.assert_close(by_id[id(param)], grad, rtol=1e-12, atol=1e-14)
+    combination = torch.tensor([0.2, -1.0, 3.0], dtype=torch.float64)
+    substitute = torch.einsum("t,t...->...", combination, expected)
+    params = [*trunk.parameters(), *heads.parameters()]
+    reference = torch.autograd.grad(sum(outputs), list(heads.parameters()), retain_graph=True)
+    reference += torch.autograd.grad(z, list(trunk.parameters()), substitute, retain_graph=True)
+    seen = []
+    run = backward_through_heads(
+        sum(outputs), outputs, z, lambda block: seen.append(block) or substitute
+    )
+    assert run and len(seen) == 1
+    torch.testing.assert_close(seen[0], expected, rtol=1e-12, atol=1e-14)
+    for param, grad in zip([*heads.parameters(), *trunk.parameters()], reference, strict=True):
+        torch.testing.assert_close(param.grad, grad, rtol=1e-12, atol=1e-14)
+    assert len(params) == len(reference)
 
 
-def test_shared_node_above_z_falls_back():
+def test_shared_node_above_z_falls_back_having_run_nothing():
     trunk, heads = _model()
     z = trunk(torch.randn(3, 5, dtype=torch.float64))
     shared = z.tanh()  # one node that every task reads: its edge into z mixes them
     losses = [heads[0](shared).sum(), heads[2](shared).sum()]
-    assert heads_pass(sum(losses), losses, [z]) is None
+    assert not backward_through_heads(sum(losses), losses, z, lambda block: block.sum(0))
+    assert all(p.grad is None for p in [*trunk.parameters(), *heads.parameters()])
 
 
 def test_hook_on_z_or_a_task_off_z_falls_back():
@@ -62,9 +67,42 @@ def test_hook_on_z_or_a_task_off_z_falls_back():
     losses, z = _losses(trunk, heads)
     w = torch.ones(1, dtype=torch.float64, requires_grad=True)
     off = [*losses, (w * 2).sum()]  # reaches no feature
-    assert heads_pass(sum(off), off, [z]) is None
+    assert not backward_through_heads(sum(off), off, z, lambda block: block.sum(0))
     z.register_hook(lambda g: 2 * g)
-    assert heads_pass(sum(losses), losses, [z]) is None
+    assert not backward_through_heads(sum(losses), losses, z, lambda block: block.sum(0))
+    assert w.grad is None
+
+
+def test_an_error_in_the_substitute_stops_the_backward_at_z_and_leaves_no_hook_behind():
+    trunk, heads = _model()
+    losses, z = _losses(trunk, heads)
+
+    def fail(block):
+        raise ArithmeticError("solve failed")
+
+    with pytest.raises(ArithmeticError, match="solve failed"):
+        backward_through_heads(sum(losses), losses, z, fail, retain_graph=True)
+    assert all(p.grad is None for p in trunk.parameters())
+    heads.zero_grad()
+    sum(losses).backward()  # no capture or substitute hook fires any more
+    reference_trunk, reference_heads = _model()
+    sum(_losses(reference_trunk, reference_heads)[0]).backward()
+    for ours, plain in zip(trunk.parameters(), reference_trunk.parameters(), strict=True):
+        torch.testing.assert_close(ours.grad, plain.grad)
+
+
+def test_several_feature_tensors_take_the_per_task_passes_with_the_same_result():
+    grads = []
+    for mode in ("auto", "loop"):
+        trunk, _ = _model()
+        x = torch.randn(7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        z = trunk(x)
+        parts = (z[:, :3] * 1.0, z[:, 3:] * 1.0)
+        losses = [parts[0].pow(2).sum() + parts[1].sum(), (parts[0] * parts[1]).sum()]
+        taskbalance.IMTLG().backward(losses, features=parts, jacobian_mode=mode)
+        grads.append([p.grad for p in trunk.parameters()])
+    for auto, loop in zip(*grads, strict=True):
+        torch.testing.assert_close(auto, loop, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("name", ["imtl_g", "imtl", "mgda", "pcgrad", "emtl"])

@@ -1,45 +1,42 @@
-"""Every task's gradient at the shared features from ONE backward pass.
+"""The feature level in ONE backward: every task's gradient at z read off the edges into z, and
+the method's combination put in place of z's gradient, inside the same backward call.
 
 At feature level the heads are usually disjoint: each task's loss reaches the features z only
 through nodes of its own head. The gradient that such a node sends along its edge into z is
-then that task's gradient alone, so one backward of the total loss down to z, with a hook on
-each of those nodes, yields all T rows of the z-Jacobian and the heads' own gradients: the
-heads are back-propagated once, not T + 1 times, and the trunk's backward that follows starts
-at z with the method's combination.
+then that task's gradient alone, so a hook on each of those nodes reads all T rows of the
+z-Jacobian while the total loss is back-propagated through the heads. The engine runs z's own
+node only once every edge into it has delivered, so by then the rows are complete: a hook on z
+turns them into the method's combination, which is what the trunk is back-propagated with. A
+feature-level step thus makes the one backward call of ``sum(losses).backward()``: the heads
+are back-propagated once (not T + 1 times), and the heads' parameters are accumulated by the
+engine itself, with their hooks, as in a plain backward.
 
-It applies when every task reaches z, every node with an edge into z is reached from one task
-only, and z carries no gradient hook of its own (which the per-task passes would apply to each
-row); otherwise :func:`heads_pass` returns ``None`` and the caller takes the per-task passes.
+It applies when z is one tensor, every task reaches it, every node with an edge into z is
+reached from one task only, and z carries no gradient hook of its own (which the per-task
+passes would apply to each row); otherwise :func:`backward_through_heads` runs nothing and the
+caller takes the per-task passes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 from torch.autograd.graph import Node, get_gradient_edge
 
-Edge = tuple[int, int, int]
-"""(task, index among the node's next functions, feature index)."""
-
-
-_ACCUMULATE = torch._C._functions.AccumulateGrad
-"""The node type through which a leaf receives its gradient (``node.variable`` is the leaf)."""
+Edge = tuple[int, int]
+"""(task, index among the node's next functions)."""
 
 
 def _scan(
-    total: Tensor, outputs: Sequence[Tensor], features: Sequence[Tensor]
-) -> tuple[dict[Node, list[Edge]], list[Tensor]] | None:
-    """The nodes with an edge into a feature (with their edges), and the leaves that ``total``
-    reaches without going through the features (the heads', the method's), in one walk per
-    task and one for the rest of ``total``'s graph; ``None`` when a node with an edge into a
-    feature is reached from two tasks (its gradient would mix them)."""
-    wanted = {}
-    for f, z in enumerate(features):
-        edge = get_gradient_edge(z)
-        wanted[(edge.node, edge.output_nr)] = f
+    total: Tensor, outputs: Sequence[Tensor], feature: Tensor
+) -> dict[Node, list[Edge]] | None:
+    """The nodes with an edge into ``feature``, with their edges, in one walk per task and one
+    for the rest of ``total``'s graph; ``None`` when such a node is reached from two tasks (its
+    gradient would mix them) or from outside the tasks."""
+    edge = get_gradient_edge(feature)
+    target = (edge.node, edge.output_nr)
     owner: dict[Node, int] = {}
     edges: dict[Node, list[Edge]] = {}
     visited: set[Node] = set()
@@ -55,83 +52,72 @@ def _scan(
             for index, (child, slot) in enumerate(node.next_functions):
                 if child is None:
                     continue
-                feature = wanted.get((child, slot))
-                if feature is not None:
+                if child is target[0] and slot == target[1]:
                     if task < 0 or owner.setdefault(node, task) != task:
                         return None
-                    edges.setdefault(node, []).append((task, index, feature))
+                    edges.setdefault(node, []).append((task, index))
                 elif child not in seen:
                     seen.add(child)
                     pending.append(child)
         if task >= 0:
             visited |= seen
-    return edges, [node.variable for node in visited if type(node) is _ACCUMULATE]
+    return edges
 
 
-@dataclass
-class HeadsPass:
-    """What one backward of the total loss down to the features computed: each task's
-    gradient at the features, and the gradients of the leaves above them (not yet written)."""
+def backward_through_heads(
+    total: Tensor,
+    outputs: Sequence[Tensor],
+    feature: Tensor,
+    substitute: Callable[[Tensor], Tensor],
+    retain_graph: bool = False,
+) -> bool:
+    """Back-propagate ``total`` once, with ``substitute(block)`` in place of the gradient that
+    reaches ``feature``, ``block`` being the ``(T, *feature.shape)`` gradients of ``outputs``
+    (the per-task terms of ``total``) at ``feature``, read on the way. Returns ``False``, having
+    run nothing, where the rows cannot be told apart by task (see the module docstring).
 
-    blocks: list[Tensor | None]
-    leaves: list[Tensor]
-    leaf_grads: tuple[Tensor | None, ...]
-
-
-def heads_pass(
-    total: Tensor, outputs: Sequence[Tensor], features: Sequence[Tensor]
-) -> HeadsPass | None:
-    """One backward of ``total`` to the features and to the leaves above them (the heads, the
-    method's parameters), reading every task's row of the features' Jacobian off the edges
-    into them on the way; ``None`` when a task reaches no feature or the edges cannot be told
-    apart by task (see the module docstring). ``outputs``: the per-task terms whose gradients
-    form the rows. The graph is retained for the trunk's backward.
+    An error raised by ``substitute`` leaves the backward unfinished: the gradients of what
+    lies between ``feature`` and the losses (the heads) are written, the rest is not.
 
     >>> z = torch.ones(2, requires_grad=True) * 1.0
     >>> w = torch.ones(1, requires_grad=True)
     >>> losses = [(2 * z).sum() * w, (3 * z).sum()]
-    >>> done = heads_pass(sum(losses), losses, [z])
-    >>> done.blocks[0], done.leaf_grads[0]
+    >>> seen = []
+    >>> backward_through_heads(sum(losses), losses, z, lambda block: seen.append(block) or block[0])
+    True
+    >>> seen[0], w.grad
     (tensor([[2., 2.],
             [3., 3.]]), tensor([4.]))
     """
-    if any(z._backward_hooks for z in features) or total.grad_fn is None:
-        return None
-    scanned = _scan(total, outputs, features)
-    if scanned is None:
-        return None
-    edges, leaves = scanned
-    if {task for node_edges in edges.values() for task, _, _ in node_edges} != set(
+    if feature._backward_hooks or total.grad_fn is None:
+        return False
+    edges = _scan(total, outputs, feature)
+    if edges is None or {task for found in edges.values() for task, _ in found} != set(
         range(len(outputs))
     ):
-        return None
-    rows: list[dict[int, Tensor]] = [{} for _ in features]
+        return False
+    rows: dict[int, Tensor] = {}
 
-    def capture(node_edges: list[Edge]):
+    def capture(found: list[Edge]) -> Callable:
         def hook(grad_inputs, _grad_outputs):
-            for task, index, feature in node_edges:
+            for task, index in found:
                 grad = grad_inputs[index]
                 if grad is not None:
-                    row = rows[feature]
-                    row[task] = grad if task not in row else row[task] + grad
+                    rows[task] = grad if task not in rows else rows[task] + grad
 
         return hook
 
-    handles = [node.register_hook(capture(node_edges)) for node, node_edges in edges.items()]
+    def replace(_grad: Tensor) -> Tensor:
+        if len(rows) < len(outputs):  # a task whose edges carried no gradient: a zero row
+            zero = torch.zeros_like(feature)
+            rows.update({task: zero for task in range(len(outputs)) if task not in rows})
+        return substitute(torch.stack([rows[task] for task in range(len(outputs))]))
+
+    handles = [node.register_hook(capture(found)) for node, found in edges.items()]
+    handles.append(feature.register_hook(replace))
     try:
-        grads = torch.autograd.grad(
-            total, [*leaves, *features], retain_graph=True, allow_unused=True
-        )
+        total.backward(retain_graph=retain_graph)
     finally:
         for handle in handles:
             handle.remove()
-    blocks: list[Tensor | None] = []
-    for z, row in zip(features, rows, strict=True):
-        if not row:
-            blocks.append(None)
-            continue
-        if len(row) < len(outputs):  # a task whose edges carried no gradient: a zero row
-            zero = torch.zeros_like(z)
-            row = {task: row.get(task, zero) for task in range(len(outputs))}
-        blocks.append(torch.stack([row[task] for task in range(len(outputs))]))
-    return HeadsPass(blocks, leaves, grads[: len(leaves)])
+    return True

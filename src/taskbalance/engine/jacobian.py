@@ -281,7 +281,9 @@ def combine(weights: Tensor, blocks: Blocks) -> list[Tensor | None]:
 
 def weighted_rows(weights: Tensor, block: Tensor) -> Tensor:
     """``sum_t weights[t] block[t]`` as one matrix-vector product (no tensordot wrapper)."""
-    return (weights.to(block.dtype) @ block.reshape(block.shape[0], -1)).reshape(block.shape[1:])
+    if weights.dtype != block.dtype:  # a no-op .to() still costs microseconds of dispatch
+        weights = weights.to(block.dtype)
+    return (weights @ block.reshape(block.shape[0], -1)).reshape(block.shape[1:])
 
 
 def to_matrix(

@@ -20,9 +20,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import Tensor
 
-__all__ = ["HostGramian", "device_resident", "on_accelerator", "to_host"]
+__all__ = ["HostGramian", "device_resident", "on_accelerator", "to_host", "to_tensor"]
 
 _forced = [False]
 
@@ -49,6 +50,23 @@ def to_host(tensor: Tensor) -> np.ndarray:
     # Chained positional conversions, each a no-op when it has nothing to do: the keyword form
     # of .to() costs several microseconds of argument parsing on every step.
     return tensor.detach().cpu().double().numpy()
+
+
+_NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
+
+
+def to_tensor(array: np.ndarray, like: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """The way back from :func:`to_host`: ``array`` as a tensor of ``dtype`` on ``like``'s
+    device (sharing ``array``'s memory where it already has that dtype, on the CPU).
+
+    >>> to_tensor(np.ones(2), torch.zeros(1))
+    tensor([1., 1.], dtype=torch.float64)
+    """
+    numpy_dtype = _NUMPY_DTYPES.get(dtype)
+    if like.device.type == "cpu" and numpy_dtype is not None:
+        # numpy's cast and a zero-copy wrap: about 3 us, where .to(dtype) takes about 14.
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=numpy_dtype))
+    return torch.from_numpy(np.ascontiguousarray(array)).to(like.device, dtype)
 
 
 @dataclass(frozen=True)

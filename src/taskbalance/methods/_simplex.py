@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from taskbalance.engine.placement import on_accelerator, to_host
+from taskbalance.engine.placement import on_accelerator, to_host, to_tensor
 from taskbalance.methods import _device_solvers
 
 _TOL = 1e-12
@@ -47,15 +47,6 @@ def check_gramian(gramian: Tensor) -> None:
     """
     if gramian.dim() != 2 or gramian.shape[0] != gramian.shape[1] or gramian.shape[0] == 0:
         raise ValueError(f"a Gramian must be a non-empty square matrix, got {tuple(gramian.shape)}")
-
-
-def to_tensor(array: np.ndarray, like: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
-    """``array`` as a tensor of ``dtype`` on ``like``'s device.
-
-    >>> to_tensor(np.ones(2), torch.zeros(1))
-    tensor([1., 1.], dtype=torch.float64)
-    """
-    return torch.from_numpy(np.ascontiguousarray(array)).to(like.device, dtype)
 
 
 def _on_device(gramian: Tensor) -> bool:

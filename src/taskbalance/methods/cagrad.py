@@ -44,14 +44,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from taskbalance.engine.placement import on_accelerator, to_host
+from taskbalance.engine.placement import on_accelerator, to_host, to_tensor
 from taskbalance.engine.requirement import Level, Requirement
 from taskbalance.methods import _device_solvers
 from taskbalance.methods._simplex import (
     active_set,
     check_gramian,
     diagonal_norms,
-    to_tensor,
 )
 from taskbalance.methods.base import Method
 from taskbalance.methods.registry import register

@@ -52,6 +52,6 @@ class IMTL(IMTLL):
         """IMTL-G weights of the gradients of ``exp(s_t) L_t``; see ``imtl_g_weights``."""
         return imtl_g_weights(gramian)
 
-    def host_weights(self, losses: np.ndarray, gramian: HostGramian) -> np.ndarray:
+    def host_weights(self, losses: Tensor, gramian: HostGramian) -> np.ndarray:
         """The same on the host; see ``imtl_g_host``."""
         return imtl_g_host(gramian.cosines, 1.0 / gramian.norms, gramian.eps)

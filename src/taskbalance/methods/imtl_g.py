@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from taskbalance.engine.placement import HostGramian, on_accelerator, to_host
+from taskbalance.engine.placement import HostGramian, on_accelerator, to_host, to_tensor
 from taskbalance.engine.requirement import Level, Requirement
 from taskbalance.methods import _device_solvers
 from taskbalance.methods._device_solvers import FACE_LIMIT
-from taskbalance.methods._simplex import diagonal_norms, inverse_eigenvalues, to_tensor
+from taskbalance.methods._simplex import diagonal_norms, inverse_eigenvalues
 from taskbalance.methods.base import Method
 from taskbalance.methods.registry import register
 
@@ -121,6 +121,6 @@ class IMTLG(Method):
         """See :func:`imtl_g_weights`."""
         return imtl_g_weights(gramian)
 
-    def host_weights(self, losses: np.ndarray, gramian: HostGramian) -> np.ndarray:
+    def host_weights(self, losses: Tensor, gramian: HostGramian) -> np.ndarray:
         """See :func:`imtl_g_host`."""
         return imtl_g_host(gramian.cosines, 1.0 / gramian.norms, gramian.eps)

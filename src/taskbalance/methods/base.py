@@ -219,6 +219,13 @@ class Method(nn.Module):
         Args:
             losses: the weighted losses ``w_t L_t``, detached, shape ``(T,)``.
             gramian: ``K = G G^T`` of the gradients of ``w_t L_t``, shape ``(T, T)``.
+
+        A method whose solve runs in float64 numpy anyway may also define
+        ``host_weights(losses, gramian: HostGramian) -> np.ndarray``
+        (:class:`taskbalance.engine.placement.HostGramian`): on the CPU the step then calls it
+        with the Gramian, norms and cosines it already holds on the host, when every gradient is
+        non-zero and finite, and saves the conversions (IMTL-G and IMTL do). It must give the
+        weights this method gives.
         """
         raise NotImplementedError(f"{type(self).__name__} does not weight gradients")
 

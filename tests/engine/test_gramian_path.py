@@ -158,6 +158,70 @@ def test_layerwise_gramian_is_exact_with_more_tasks_than_one_chunk():
     torch.testing.assert_close(layerwise.gramian, expected, rtol=1e-10, atol=1e-10)
 
 
+class ConvUnderLinear(nn.Module):
+    """A convolution with many output positions (its rows cost more than its Jacobian block,
+    so it keeps the block even when forced) under a Linear on the rows route: the deep passes
+    are those of the convolution's rows, the heads and the Linear's output little work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.linear = nn.Linear(3 * 8 * 8, 4)
+
+    def forward(self, x, hook=None):
+        y = self.linear(torch.tanh(self.conv(x)).flatten(1))
+        if hook is not None:
+            y.register_hook(hook)  # runs as a pre-hook of the Linear's node
+        return torch.tanh(y)
+
+
+@pytest.mark.parametrize("hook", [None, lambda g: -g])
+@pytest.mark.parametrize("mode", ["loop", "batched"])
+def test_output_gradients_taken_apart_after_the_direct_rows_are_exact(monkeypatch, mode, hook):
+    torch.manual_seed(4)
+    trunk = ConvUnderLinear().double()
+    x = torch.randn(2, 1, 10, 10, dtype=torch.float64)
+    z = trunk(x, hook)
+    heads = [nn.Linear(4, 2).double() for _ in range(NUM_TASKS)]
+    losses = [(t + 1.0) * head(z).tanh().pow(t + 2).sum() for t, head in enumerate(heads)]
+    params = list(trunk.parameters())
+    plan = plan_layers(losses, params, force=True)
+    assert (len(plan.rows), plan.direct, plan.capture_apart) == (1, [0, 1], True)
+    allocated: list[int] = []
+    buffer = gramian_path_module.Workspace.buffer
+
+    def recording(self, index, shape, like):
+        allocated.append(index)
+        return buffer(self, index, shape, like)
+
+    monkeypatch.setattr(gramian_path_module.Workspace, "buffer", recording)
+    layerwise = LayerwiseGramian(losses, params, plan, mode)
+    # The convolution's rows (edges 1, 2) are taken before the Linear's output gradients (0).
+    assert allocated == [1, 2, 0]
+    blocks = task_jacobian(losses, params, "loop")
+    torch.testing.assert_close(
+        layerwise.gramian, gramian(blocks, NUM_TASKS), rtol=1e-10, atol=1e-10
+    )
+    weights = torch.tensor([0.7, -1.3, 2.1], dtype=torch.float64)
+    for got, expected in zip(layerwise.combine(weights), combine(weights, blocks), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_output_gradients_share_the_passes_where_apart_they_would_repeat_the_work():
+    # A LayerNorm's rows above a Linear: passes stopping at the Linear would run as deep.
+    trunk, x = _trunk_and_input("layernorm")
+    losses, _ = _losses(trunk, x)
+    assert not plan_layers(losses, list(trunk.parameters()), force=True).capture_apart
+    # Wide heads: passes stopping at the Linear would repeat most of the work.
+    torch.manual_seed(4)
+    trunk = ConvUnderLinear().double()
+    z = trunk(torch.randn(2, 1, 10, 10, dtype=torch.float64))
+    heads = [nn.Linear(4, 500).double() for _ in range(NUM_TASKS)]
+    losses = [head(z).tanh().sum() for head in heads]
+    plan = plan_layers(losses, list(trunk.parameters()), force=True)
+    assert (len(plan.rows), plan.direct, plan.capture_apart) == (1, [0, 1], False)
+
+
 def test_layerwise_gramian_holds_less_than_half_the_jacobian_when_the_batch_is_small():
     trunk = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128)).double()
     losses, _ = _losses(trunk, torch.randn(8, 64, dtype=torch.float64))

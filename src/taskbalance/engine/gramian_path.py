@@ -32,6 +32,13 @@ parameter read by a node without a rule, or by more than one node (tied weights)
 the autograd route: exact, but its rows are materialised, which :class:`LayerwiseGramian` reports
 so that the caller can warn or refuse.
 
+The step's memory peaks in the deepest passes, where the activation gradients of the lowest
+layers coexist with every piece held so far. Where the parameters taken from autograd lie below
+the rows-route layers (a CNN's convolutions on the Jacobian path under a Linear), their passes
+run first and the layers' ``dY`` are taken afterwards, in passes that stop at the layers, so
+that the ``dY`` are not held at that peak; this repeats the work above the layers (the heads),
+and is done only where that work is small (:func:`_capture_apart`).
+
 The combination ``sum_t a_t g_t`` is formed from the same pieces (``(sum_t a_t dY_t)^T X``), so
 the shared parameters need no further backward.
 
@@ -42,6 +49,8 @@ node; autograd's capture of ``GradientEdge(node, 0)`` happens before such hooks 
 node also has to run for a requested input below it, so each layer's ``dY`` is read by a
 pre-hook of its node registered here (which runs after the tensor hooks), and from the capture
 only where the node does not run (autograd then applies the tensor hooks to the capture).
+Where the ``dY`` are taken in passes of their own, the hooks above the layers run in both sets
+of passes (as they run in each task's pass): the gradients are the same.
 """
 
 from __future__ import annotations
@@ -158,12 +167,15 @@ class LayerPlan:
         embeddings: embedding layers (compact on the batch's distinct rows).
         direct: indices of parameters whose T rows are taken from autograd.
         uncovered: the parameters among ``direct`` that no rule covers.
+        capture_apart: take the layers' output gradients (``rows``, ``embeddings``) in passes
+            of their own, after those of the ``direct`` rows (see :func:`_capture_apart`).
     """
 
     rows: list[_Rows]
     embeddings: list[_Embedding]
     direct: list[int]
     uncovered: list[Uncovered]
+    capture_apart: bool = False
 
     @property
     def saves_work(self) -> bool:
@@ -240,6 +252,7 @@ def plan_layers(outputs: Sequence[Tensor], params: Sequence[Tensor], force: bool
     plan = LayerPlan([], [], direct, uncovered)
     for node, roles in layers.items():
         _add_layer(plan, node, roles, params, num_tasks, force)
+    plan.capture_apart = _capture_apart(outputs, consumers, plan, params)
     return plan
 
 
@@ -263,6 +276,74 @@ def _consumers(outputs: Sequence[Tensor]) -> dict[Node, list[tuple[Node, int]]]:
                 seen.add(child)
                 pending.append(child)
     return consumers
+
+
+#: The most backward work, as a share of the passes that take the ``direct`` rows, that the
+#: passes taking the layers' output gradients apart may repeat.
+CAPTURE_APART_SHARE = 0.1
+
+
+def _capture_apart(
+    outputs: Sequence[Tensor],
+    consumers: dict[Node, list[tuple[Node, int]]],
+    plan: LayerPlan,
+    params: Sequence[Tensor],
+) -> bool:
+    """Whether the layers' output gradients are better taken in passes of their own.
+
+    The peak of the step is reached in the deepest passes, where the activation gradients of the
+    lowest layers (full resolution under a CNN's first convolutions) coexist with everything
+    held so far. When the ``direct`` parameters lie below the rows-route layers (convolutions
+    on the Jacobian path under a Linear, say), running their passes first, and then passes that
+    stop at the layers' outputs, keeps the layers' ``T`` output gradients out of that peak. The
+    second set of passes repeats the work above the layers (the heads, mostly), so it is taken
+    only where that is at most :data:`CAPTURE_APART_SHARE` of the first set's work, counted as
+    the gradient numbers each node receives, times the tasks whose pass runs it.
+    """
+    layers = {layer.node for layer in (*plan.rows, *plan.embeddings)}
+    accumulators = {get_gradient_edge(params[i]).node for i in plan.direct}
+    if not layers or not accumulators:
+        return False
+    # Tasks reaching each node (a bit per task), in topological order from the losses.
+    tasks: dict[Node, int] = {}
+    for t, out in enumerate(outputs):
+        if out.grad_fn is not None:
+            tasks[out.grad_fn] = tasks.get(out.grad_fn, 0) | 1 << t
+    waiting = {node: len(readers) for node, readers in consumers.items()}
+    order = [node for node in tasks if node not in waiting]
+    for node in order:  # grows while it is walked
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            tasks[child] = tasks.get(child, 0) | tasks[node]
+            waiting[child] -= 1
+            if not waiting[child]:
+                order.append(child)
+    # A pass runs a node when a requested gradient lies below it.
+    above_layers: dict[Node, bool] = {}
+    above_accumulators: dict[Node, bool] = {}
+    capture = deep = 0
+    for node in reversed(order):
+        children = [child for child, _ in node.next_functions if child is not None]
+        above_layers[node] = any(c in layers or above_layers[c] for c in children)
+        above_accumulators[node] = any(c in accumulators or above_accumulators[c] for c in children)
+        if above_layers[node] or above_accumulators[node]:
+            work = tasks[node].bit_count() * _received(node)
+            capture += work if above_layers[node] else 0
+            deep += work if above_accumulators[node] else 0
+    return deep > 0 and capture <= CAPTURE_APART_SHARE * deep
+
+
+def _received(node: Node) -> int:
+    """How many gradient numbers ``node`` receives in one pass (none counted where torch does
+    not expose its inputs' metadata: with none counted anywhere, the passes are not split)."""
+    total = 0
+    for meta in getattr(node, "_input_metadata", ()):
+        size = 1
+        for extent in meta.shape:
+            size *= extent
+        total += size
+    return total
 
 
 def _role(
@@ -430,42 +511,80 @@ class LayerwiseGramian:
         edges: list[GradientEdge | Tensor] = [GradientEdge(node, 0) for node in nodes]
         edges += [self.params[i] for i in plan.direct]
         num_rows, num_tables = len(plan.rows), len(plan.embeddings)
-        # Each task's gradients are folded into their compact form as soon as they exist, so
-        # at most one task's raw output gradients live beside the compact ones.
         compact: list[Tensor | None] = [None] * len(edges)
-        with _AfterTensorHooks(nodes, len(outputs)) as after_hooks:
-            passes = None
-            if mode == "batched" or (mode == "auto" and batching_pays_off(outputs[0].device)):
+        # The direct rows first where the layers' output gradients are taken apart, so that the
+        # deepest passes run before those gradients are held (see _capture_apart).
+        layers, rest = range(len(nodes)), range(len(nodes), len(edges))
+        groups = [rest, layers] if plan.capture_apart else [range(len(edges))]
+        batched = mode == "batched" or (mode == "auto" and batching_pays_off(outputs[0].device))
+        for group in groups:
+            batched = self._passes(outputs, edges, nodes, group, mode, batched, compact, workspace)
+        self._out_grads = compact[:num_rows]
+        self._table_grads = compact[num_rows : num_rows + num_tables]
+        self._direct = compact[num_rows + num_tables :]
+
+    def _passes(
+        self,
+        outputs: Sequence[Tensor],
+        edges: list[GradientEdge | Tensor],
+        nodes: list[Node],
+        group: range,
+        mode: JacobianMode,
+        batched: bool,
+        compact: list[Tensor | None],
+        workspace: Workspace,
+    ) -> bool:
+        """Every task's gradients at ``edges[group]``, stored into ``compact``: one batched
+        backward, or one backward per task. Returns whether batching is still to be tried
+        (not after it has failed once and warned)."""
+        wanted = [edges[j] for j in group]
+        # The layers' edges come first: the group's own layer nodes are a slice of ``nodes``.
+        with _AfterTensorHooks(nodes[group.start : group.stop], len(outputs)) as hooks:
+            if batched:
                 try:
-                    passes = [(slice(None), after_hooks.read(batched_grads(outputs, edges)))]
+                    grads = hooks.read(batched_grads(outputs, wanted))
                 except RuntimeError as error:
                     if mode == "batched" and not isinstance(error, _UnbatchingError):
                         raise
                     warn_batching_fallback(error)
-            if passes is None:
-                one = seed_one(outputs[0])
-                passes = (
-                    (slice(t, t + 1), after_hooks.read(_task_grads(out, edges, one)))
-                    for t, out in enumerate(outputs)
-                )
-            for tasks, grads in passes:
-                for j, grad in enumerate(grads):
-                    if grad is None:
-                        continue
-                    if j < num_rows:
-                        value = plan.rows[j].to_rows(grad)
-                    elif j < num_rows + num_tables:
-                        value = self._scatter(plan.embeddings[j - num_rows], grad)
-                    else:
-                        value = dense_or_refuse(grad, plan.direct[j - num_rows - num_tables])
-                    block = compact[j]
-                    if block is None:
-                        shape = (self.num_tasks, *value.shape[1:])
-                        block = compact[j] = workspace.buffer(j, shape, value).zero_()
-                    block[tasks] = value
-        self._out_grads = compact[:num_rows]
-        self._table_grads = compact[num_rows : num_rows + num_tables]
-        self._direct = compact[num_rows + num_tables :]
+                else:
+                    self._store(slice(None), grads, group.start, compact, workspace)
+                    return True
+            one = seed_one(outputs[0])
+            for t, out in enumerate(outputs):
+                # Passed straight in, a task's raw gradients are freed as they are stored, so
+                # they are not alive during the next task's backward beside the stored ones.
+                grads = hooks.read(_task_grads(out, wanted, one))
+                self._store(slice(t, t + 1), grads, group.start, compact, workspace)
+        return False
+
+    def _store(
+        self,
+        tasks: slice,
+        grads: list[Tensor | None],
+        start: int,
+        compact: list[Tensor | None],
+        workspace: Workspace,
+    ) -> None:
+        """Fold one pass's gradients (``(k, ...)`` per edge, from edge ``start`` on) into rows
+        ``tasks`` of their compact form, allocating each block of ``T`` rows on first use."""
+        plan = self.plan
+        num_rows, num_tables = len(plan.rows), len(plan.embeddings)
+        for j in range(start, start + len(grads)):
+            grad, grads[j - start] = grads[j - start], None  # dropped once folded
+            if grad is None:
+                continue
+            if j < num_rows:
+                value = plan.rows[j].to_rows(grad)
+            elif j < num_rows + num_tables:
+                value = self._scatter(plan.embeddings[j - num_rows], grad)
+            else:
+                value = dense_or_refuse(grad, plan.direct[j - num_rows - num_tables])
+            block = compact[j]
+            if block is None:
+                shape = (self.num_tasks, *value.shape[1:])
+                block = compact[j] = workspace.buffer(j, shape, value).zero_()
+            block[tasks] = value
 
     @staticmethod
     def _scatter(layer: _Embedding, grad: Tensor) -> Tensor:

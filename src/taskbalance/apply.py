@@ -103,6 +103,9 @@ class Balancer(Protocol):
     def loss_weights(self, losses: Tensor) -> tuple[Tensor, Tensor | None]:
         """The loss-level weights ``w_t`` and offsets ``c_t``."""
 
+    def check_losses(self, losses: Tensor) -> None:
+        """Raise on weighted losses the gradient level cannot take, before any backward."""
+
     def shared_weights(self, losses: Tensor, gramian: Tensor) -> Tensor:
         """The weights ``a`` of the per-task gradients, from their Gramian."""
 
@@ -212,7 +215,10 @@ def _prepare(
     if scaler is not None and scaler.is_enabled():
         total = scaler.scale(total)  # also starts the scaler's bookkeeping for scaler.step
         scale = scaler.get_scale()
-    return _Prepared(checked, seen, loss_weights, total, ranks, scale, unit)
+    prepared = _Prepared(checked, seen, loss_weights, total, ranks, scale, unit)
+    if method.requires is not Requirement.LOSSES and not on_accelerator(seen):
+        method.check_losses(prepared.weighted_values())
+    return prepared
 
 
 _WORKSPACES: weakref.WeakKeyDictionary[Balancer, Workspace] = weakref.WeakKeyDictionary()

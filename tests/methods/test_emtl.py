@@ -143,6 +143,18 @@ def test_negative_loss_is_an_error_naming_the_task():
     assert caught.value.task == "depth"
 
 
+@pytest.mark.parametrize("level", ["feature", "parameter"])
+def test_a_negative_loss_in_a_step_is_refused_before_anything_is_back_propagated(level):
+    """At feature level the method runs inside the step's one backward: its loss check runs
+    before it (``Method.check_losses``), so that the error leaves every ``.grad`` untouched."""
+    model = SharedBottom(2)
+    losses, z = model.losses(*batch(2))
+    losses["task1"] = losses["task1"] - 10.0
+    with pytest.raises(InvalidLossError, match="EMTL needs losses >= 0.*'task1'"):
+        EMTL(level=level).backward(losses, shared=model.trunk, features=z)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_nan_loss_is_an_error_naming_the_task():
     with pytest.raises(NonFiniteLossError, match="'1'"):
         emtl_weights(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 1.0]))

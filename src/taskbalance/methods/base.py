@@ -213,6 +213,17 @@ class Method(nn.Module):
         """
         return torch.ones_like(losses), None
 
+    def check_losses(self, losses: Tensor) -> None:
+        """Raise on losses the method's gradient level cannot take (e.g. EMTL's negative
+        losses). Called with ``w_t L_t`` before anything is back-propagated, so that such a
+        loss leaves ``.grad`` untouched even where the method runs inside the step's backward
+        (the feature level's one pass); not called for losses on an accelerator. Checks
+        nothing by default.
+
+        >>> from taskbalance import EW
+        >>> EW().check_losses(torch.tensor([-1.0, 2.0]))  # EW takes any loss
+        """
+
     def shared_weights(self, losses: Tensor, gramian: Tensor) -> Tensor:
         """Weights ``a`` of the per-task gradients for the shared part (Gramian methods).
 

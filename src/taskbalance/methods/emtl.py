@@ -156,6 +156,10 @@ def _check_values(losses: Tensor, norms: Tensor, label: Callable[[int], str]) ->
             f"{norms[i].item()}; both must be finite",
             task=label(i),
         )
+    _check_signs(losses, label)
+
+
+def _check_signs(losses: Tensor, label: Callable[[int], str]) -> None:
     negative = (losses < 0).nonzero().flatten().tolist()
     if negative:
         listed = ", ".join(f"'{label(i)}' = {losses[i].item():.4g}" for i in negative)
@@ -212,6 +216,10 @@ class EMTL(Method):
             raise ValueError(f"EMTL: base must be 'relative' or 'sum', got {base!r}")
         self.lam = float(lam)
         self.base: Base = base
+
+    def check_losses(self, losses: Tensor) -> None:
+        """No negative loss (before anything is back-propagated)."""
+        _check_signs(losses, self.task_label)
 
     def shared_weights(self, losses: Tensor, gramian: Tensor) -> Tensor:
         """:func:`emtl_weights` with the norms from the Gramian's diagonal."""

@@ -98,14 +98,17 @@ class MultiTaskNet(nn.Module):
         self.kind = kind
 
     def batch(self) -> tuple[Tensor, Tensor]:
+        """A fixed batch, on the model's device."""
         gen = torch.Generator().manual_seed(1)
         batch = BATCH[self.kind]
         features = {"tiny": (16,), "mlp": (256,), "cnn": (1, 28, 28)}.get(self.kind, (64,))
         x = torch.randn((batch, *features), generator=gen)
         if self.regression:
-            return x, torch.randn((batch, len(self.heads)), generator=gen)
-        y = torch.randint(0, 10, (batch, len(self.heads)), generator=gen)
-        return x, y
+            y = torch.randn((batch, len(self.heads)), generator=gen)
+        else:
+            y = torch.randint(0, 10, (batch, len(self.heads)), generator=gen)
+        device = self.heads[0].weight.device
+        return x.to(device), y.to(device)
 
     def losses(self, x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
         z = self.trunk(x)

@@ -349,3 +349,12 @@ def test_the_record_keeps_the_gramians_dtype_and_matches_autograd():
     torch.testing.assert_close(info.grad_norms.double(), norms, rtol=1e-5, atol=0)
     cosines = (rows @ rows.T) / torch.outer(norms, norms)
     torch.testing.assert_close(info.cosines.double(), cosines, rtol=1e-5, atol=1e-6)
+
+
+def test_a_jacobian_method_refuses_non_finite_per_task_gradients():
+    """Found from the Gramian's diagonal (a NaN or an infinity in a row reaches its square)."""
+    w = torch.zeros(2, requires_grad=True)
+    losses = {"a": w.sqrt().sum(), "b": w.sum()}  # finite losses, infinite gradient of 'a'
+    with pytest.raises(FloatingPointError, match="not finite"):
+        taskbalance.get_method("moco", tasks=2).backward(losses, shared=[w])
+    assert w.grad is None

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from support.samplers import GENERIC_SAMPLERS
+from support.samplers import GENERIC_SAMPLERS, random_jacobian
+from taskbalance.methods import excess_mtl
 from taskbalance.methods.excess_mtl import ExcessMTL
 
 
@@ -76,3 +77,53 @@ def test_agrees_with_torchjd_over_several_steps(warmup):
                 rtol=1e-10,
                 atol=1e-12,
             )
+
+
+def _plain_excess_mtl(jacobians, robust_step_size, warmup_steps):
+    """The update written out step by step in float64: AdaGrad squares, excess risks scaled by
+    the baseline, exponentiated-gradient weights."""
+    num = jacobians[0].shape[0]
+    squares = torch.zeros_like(jacobians[0], dtype=torch.float64)
+    weights = torch.full((num,), 1.0 / num, dtype=torch.float64)
+    warmup_sum, baseline, steps = torch.zeros(num, dtype=torch.float64), None, []
+    for step, jacobian in enumerate(jacobians):
+        g = jacobian.double()
+        squares = squares + g**2
+        excess = (g**2 / torch.sqrt(squares + 1e-7)).sum(dim=1)
+        if step < warmup_steps:
+            warmup_sum = warmup_sum + excess
+        else:
+            if step == warmup_steps:
+                baseline = warmup_sum / warmup_steps if warmup_steps else excess
+            if step > 0:  # with no warm-up the first step's estimate is its own baseline
+                excess = excess / (baseline + 1e-7)
+            weights = torch.softmax(weights.log() + robust_step_size * excess, dim=0)
+        steps.append((squares, weights, weights @ g))
+    return steps
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("warmup", [0, 2])
+@pytest.mark.parametrize("block", [None, 97])  # the default column blocks, or many small ones
+@pytest.mark.parametrize("shape", [(3, 40), (32, 5001)])
+def test_steps_and_state_match_the_formulas(shape, block, warmup, dtype, monkeypatch):
+    if block is not None:
+        monkeypatch.setattr(excess_mtl, "_BLOCK_ELEMENTS", block * shape[0])
+    num, dim = shape
+    # Rows of different sizes that shrink as in training, scaled so that the excess risks are
+    # of order one and the weights move without saturating.
+    sizes = torch.linspace(0.5, 2.0, num, dtype=torch.float64)[:, None] / dim
+    jacobians = [sizes * random_jacobian(num, dim, seed=s) / (s + 1) for s in range(6)]
+    expected = _plain_excess_mtl(jacobians, robust_step_size=0.7, warmup_steps=warmup)
+    method = ExcessMTL(tasks=num, robust_step_size=0.7, warmup_steps=warmup)
+    # float32 is the method's working precision on the T x n side: its rounding, not the maths.
+    tol = {"rtol": 1e-9, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-6}
+    for step, (jacobian, (squares, weights, update)) in enumerate(
+        zip(jacobians, expected, strict=True), start=1
+    ):
+        got = method.aggregate(torch.ones(num, dtype=dtype), jacobian.to(dtype))
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), update, **tol)
+        torch.testing.assert_close(method.squares.double(), squares, **tol)
+        torch.testing.assert_close(method.weights, weights, **tol)
+        assert int(method.step) == step

@@ -65,3 +65,57 @@ def test_normalize_tracks_loss_scaled_unit_gradients():
 def test_rejects_bad_hyperparameters():
     with pytest.raises(ValueError, match="MoCo needs"):
         MoCo(tasks=2, beta=0.0)
+
+
+def _plain_simplex_projection(vector):
+    """argmin ||a - v|| on the simplex: a = max(v - tau, 0) with sum(a) = 1, tau by bisection."""
+    low, high = vector.min().item() - 1.0, vector.max().item()
+    for _ in range(200):
+        tau = (low + high) / 2
+        if (vector - tau).clamp_min(0).sum() > 1:
+            low = tau
+        else:
+            high = tau
+    return (vector - (low + high) / 2).clamp_min(0)
+
+
+def _plain_moco(jacobians, losses, beta, beta_sigma, gamma, gamma_sigma, rho, normalize):
+    """The paper's update written out step by step, in float64, with the Gramian itself."""
+    num = jacobians[0].shape[0]
+    tracked, weights, steps = None, torch.full((num,), 1.0 / num, dtype=torch.float64), []
+    for k, (jacobian, loss) in enumerate(zip(jacobians, losses, strict=True), start=1):
+        g = jacobian.double()
+        if normalize:
+            g = loss.double()[:, None] * g / g.norm(dim=1, keepdim=True)
+        tracked = g.clone() if tracked is None else tracked
+        tracked = tracked - beta / k**beta_sigma * (tracked - g)
+        gramian = tracked @ tracked.T + rho * torch.eye(num, dtype=torch.float64)
+        weights = _plain_simplex_projection(weights - gamma / k**gamma_sigma * gramian @ weights)
+        steps.append((tracked, weights, weights @ tracked))
+    return steps
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"rho": 0.3, "beta": 0.9, "gamma": 0.7, "gamma_sigma": 0.0}, {"normalize": True}],
+)
+@pytest.mark.parametrize("shape", [(3, 40), (32, 1000)])
+def test_steps_and_state_match_the_formulas(shape, options, dtype):
+    num, dim = shape
+    defaults = dict(beta=0.5, beta_sigma=0.5, gamma=0.1, gamma_sigma=0.5, rho=0.0, normalize=False)
+    jacobians = [random_jacobian(num, dim, seed=s) / dim**0.5 for s in range(6)]
+    losses = [torch.linspace(0.5, 2.0, num, dtype=torch.float64) * (s + 1) for s in range(6)]
+    expected = _plain_moco(jacobians, losses, **{**defaults, **options})
+    method = MoCo(tasks=num, **options)
+    # float32 is the method's working precision on the T x n side: its rounding, not the maths.
+    tol = {"rtol": 1e-9, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-6}
+    for step, (jacobian, loss, (tracked, weights, update)) in enumerate(
+        zip(jacobians, losses, expected, strict=True), start=1
+    ):
+        got = method.aggregate(loss.to(dtype), jacobian.to(dtype))
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), update, **tol)
+        torch.testing.assert_close(method.tracked.double(), tracked, **tol)
+        torch.testing.assert_close(method.weights, weights, **tol)
+        assert int(method.step) == step

@@ -38,6 +38,35 @@ from taskbalance.methods.base import Method
 from taskbalance.methods.registry import register
 
 _EPS = 1e-7
+_BLOCK_ELEMENTS = 1 << 17
+"""Entries of S and g per column block on CPU (512 KiB each in float32): a block's
+elementwise passes then run in the core's cache instead of streaming T x n matrices from
+memory once per operation."""
+
+
+def accumulate_excess_risks(squares: Tensor, gradients: Tensor, work: Tensor) -> Tensor:
+    """Add ``g^2`` to ``squares`` (S) in place; return ``e_t = sum_j g_tj^2 / sqrt(S_tj + eps)``.
+
+    ``work``: a T x c scratch matrix (c >= 1) whose width is the column block: each block of
+    ``squares`` is updated and reduced while it is in cache, before the next is read. The
+    per-block sums are added in float64 and ``e`` is float64.
+
+    >>> squares, g = torch.zeros(2, 3), torch.tensor([[3.0, 0.0, 4.0], [0.0, 0.0, 1.0]])
+    >>> accumulate_excess_risks(squares, g, torch.empty(2, 2))  # ~ sum_j |g_tj| at first
+    tensor([7., 1.], dtype=torch.float64)
+    >>> squares
+    tensor([[ 9.,  0., 16.],
+            [ 0.,  0.,  1.]])
+    """
+    block = work.shape[1]
+    sums = gradients.new_empty(-(-gradients.shape[1] // block), gradients.shape[0])
+    blocks = (gradients.split(block, dim=1), squares.split(block, dim=1), sums.unbind(0))
+    for g, s, total in zip(*blocks, strict=True):
+        w = work if g.shape[1] == block else work[:, : g.shape[1]]
+        s.addcmul_(g, g)
+        torch.div(g, torch.add(s, _EPS, out=w).sqrt_(), out=w).mul_(g)
+        torch.sum(w, dim=1, out=total)
+    return sums.to(torch.float64).sum(dim=0)
 
 
 @register
@@ -84,24 +113,25 @@ class ExcessMTL(CoordinateState, Method):
         self.register_buffer("baseline", torch.zeros(num, dtype=torch.float64))
         self.register_buffer("warmup_sum", torch.zeros(num, dtype=torch.float64))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self._scratch: Tensor | None = None  # reused T x n work matrix, not state
+        self._work: Tensor | None = None  # reused scratch of the excess risks, not state
 
     def aggregate(self, losses: Tensor, jacobian: Tensor) -> Tensor:
         """Update the excess-risk estimates and the weights; return ``sum_t w_t g_t``."""
         # Elementwise work stays in the Jacobian's dtype: a float64 copy of a T x n matrix
         # measured ~100x a plain step at T = 32 (benchmarks/step_time.py); only the T-vector
-        # of excess risks is handled in float64. It runs in place and in one reused scratch
-        # matrix: each fresh T x n temporary costs page faults on CPU.
+        # of excess risks is handled in float64. It runs in place and in a reused scratch
+        # block: each fresh temporary costs page faults on CPU.
         g = jacobian.detach()
         squares = self.coordinate_state(g, lambda g: g.new_zeros(g.shape))
         g = g.to(squares)  # a no-op unless the state was given another dtype (e.g. .double())
-        squares.addcmul_(g, g)
-        scratch = self._scratch
-        if scratch is None or scratch.shape != g.shape or scratch.dtype != g.dtype:
-            scratch = self._scratch = torch.empty_like(g)
-        # e_t = sum_j g_tj (g_tj / sqrt(S_tj + eps)): T dot products, no further temporary.
-        torch.add(squares, _EPS, out=scratch).rsqrt_().mul_(g)
-        excess = (scratch[:, None, :] @ g[:, :, None]).flatten().to(torch.float64)
+        num, width = g.shape
+        # Column blocks on CPU (see _BLOCK_ELEMENTS); one block, i.e. a handful of kernels,
+        # on an accelerator, where each launch costs more than a pass over memory.
+        block = max(1, min(width, _BLOCK_ELEMENTS // num) if g.device.type == "cpu" else width)
+        work, wanted = self._work, ((num, block), g.dtype, g.device)
+        if work is None or (work.shape, work.dtype, work.device) != wanted:
+            work = self._work = g.new_empty(num, block)
+        excess = accumulate_excess_risks(squares, g, work)
         step = int(self.step)
         self.step += 1
         if step < self.warmup_steps:

@@ -352,11 +352,7 @@ def _gramian_update(
     else:
         host_gram = HostGramian(host, host_norms, cosines, torch.finfo(gram.dtype).eps)
         values = host_weights(prepared.weighted_values(), host_gram)
-        if values.shape != (num_tasks,) or not np.isfinite(values).all():
-            raise RuntimeError(
-                f"{type(method).__name__} produced invalid weights {values.tolist()} "
-                f"(expected {num_tasks} finite numbers)"
-            )
+        _check_weights(method, values, num_tasks)
         weights = to_tensor(values, gram, gram.dtype)
     return _SharedUpdate(inputs, combination(weights), weights, norms, cosines_tensor)
 
@@ -542,10 +538,11 @@ def _check_common_features(losses: TaskLosses, features: tuple[Tensor, ...]) -> 
                 )
 
 
-def _check_weights(method: Balancer, weights: Tensor, num_tasks: int) -> None:
-    if weights.shape != (num_tasks,) or not np.isfinite(weights.cpu().double().numpy()).all():
+def _check_weights(method: Balancer, weights: Tensor | np.ndarray, num_tasks: int) -> None:
+    values = weights if isinstance(weights, np.ndarray) else weights.cpu().double().numpy()
+    if values.shape != (num_tasks,) or not np.isfinite(values).all():
         raise RuntimeError(
-            f"{type(method).__name__} produced invalid weights {weights.tolist()} "
+            f"{type(method).__name__} produced invalid weights {values.tolist()} "
             f"(expected {num_tasks} finite numbers)"
         )
 

@@ -137,6 +137,11 @@ def test_layerwise_gramian_equals_the_jacobian_path(kind, rows, tables, mode):
     # The rules were used (not the autograd rows of every parameter), and nothing is uncovered.
     assert (len(plan.rows), len(plan.embeddings), plan.uncovered) == (rows, tables, [])
     layerwise = LayerwiseGramian(losses, params, plan, mode)
+    _assert_matches_the_jacobian_path(layerwise, losses, params)
+
+
+def _assert_matches_the_jacobian_path(layerwise, losses, params):
+    """The layerwise Gramian and combination equal those of the T x n Jacobian's blocks."""
     blocks = task_jacobian(losses, params, "loop")
     torch.testing.assert_close(
         layerwise.gramian, gramian(blocks, NUM_TASKS), rtol=1e-10, atol=1e-10
@@ -198,13 +203,7 @@ def test_output_gradients_taken_apart_after_the_direct_rows_are_exact(monkeypatc
     layerwise = LayerwiseGramian(losses, params, plan, mode)
     # The convolution's rows (edges 1, 2) are taken before the Linear's output gradients (0).
     assert allocated == [1, 2, 0]
-    blocks = task_jacobian(losses, params, "loop")
-    torch.testing.assert_close(
-        layerwise.gramian, gramian(blocks, NUM_TASKS), rtol=1e-10, atol=1e-10
-    )
-    weights = torch.tensor([0.7, -1.3, 2.1], dtype=torch.float64)
-    for got, expected in zip(layerwise.combine(weights), combine(weights, blocks), strict=True):
-        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    _assert_matches_the_jacobian_path(layerwise, losses, params)
 
 
 def test_output_gradients_share_the_passes_where_apart_they_would_repeat_the_work():

@@ -5,10 +5,12 @@ gradient-level methods, shared weights ``a``:
 
 - loss level: one ordinary backward of ``sum_t L'_t``;
 - feature level: the T gradients of ``w_t L_t`` w.r.t. the shared representation z (through the
-  heads only), the method's ``a`` from their Gramian, then ONE backward of ``sum_t L'_t`` in
+  heads only), the method's ``a`` from their Gramian, and a backward of ``sum_t L'_t`` in
   which a hook replaces the gradient arriving at z by ``sum_t a_t dL'_t/dz``. The heads and the
   method's parameters thus get the gradient of their own ``L'_t``, and the trunk one backward
-  of the combination;
+  of the combination. Where the heads are disjoint, all of it is one backward call (the rows
+  are read on the way through the heads, :mod:`taskbalance.engine.edge_capture`); otherwise T
+  per-task passes through the heads come first;
 - parameter level: the T gradients of ``w_t L_t`` w.r.t. the shared parameters, the method's
   ``a``, ``sum_t a_t g_t`` written into the shared ``.grad``, and one backward of
   ``sum_t L'_t`` restricted to everything else (heads, the method's parameters).
@@ -323,8 +325,8 @@ def _gramian_update(
 ) -> _SharedUpdate:
     """The method's weights from the Gramian of the (loss-scaled) per-task gradients, and
     ``combination(a)``, the weighted sum of the per-task gradients, as the update.
-    ``reached``: every task is known to reach the inputs (the heads' one pass found its edges),
-    so the accelerator path need not walk the graph to check it."""
+    ``reached``: every task is known to reach the inputs (the one backward found its edges
+    into z), so the accelerator path need not walk the graph to check it."""
     if prepared.scale != 1:
         gram = gram / prepared.scale**2
     if on_accelerator(gram):

@@ -7,8 +7,9 @@
 4. each head receives the gradient of its own ``L'_t``, not weighted by ``a``;
 5. each ``s_t`` receives ``exp(s_t) L_t - 1``, not weighted by ``a``.
 
-No hyperparameters. Cost at feature level: T head-only backward passes (batched) + one
-backward; at parameter level: T backward passes (batched) + one head-only backward.
+No hyperparameters. Cost at feature level: one backward where the heads are disjoint (the
+rows at z read on the way), else T head-only backward passes + one backward; at parameter
+level: T backward passes (batched) + one head-only backward.
 """
 
 from __future__ import annotations

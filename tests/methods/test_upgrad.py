@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support.samplers import GENERIC_SAMPLERS, random_jacobian
+from support.samplers import DEGENERATE_SAMPLERS, GENERIC_SAMPLERS, random_jacobian
+from taskbalance.methods._simplex import nonnegative_qp
 from taskbalance.methods.upgrad import dual_cone_weights, upgrad_weights
 
 
@@ -76,3 +77,52 @@ def test_agrees_with_torchjd_upgrad_on_hundreds_of_jacobians():
         assert error < 1e-4
         tight += error < 1e-7
     assert tight >= 190
+
+
+def _conflicting_pairs(num_tasks: int, dim: int, seed: int) -> torch.Tensor:
+    """The first half of the gradients pushed towards the second half: many conflicts."""
+    jacobian = random_jacobian(num_tasks, dim, seed)
+    half = num_tasks // 2
+    jacobian[:half] += 2 * jacobian[half : 2 * half]
+    return jacobian
+
+
+_ALL_SAMPLERS = [*GENERIC_SAMPLERS, *DEGENERATE_SAMPLERS, _conflicting_pairs]
+
+
+@pytest.mark.parametrize("sampler", _ALL_SAMPLERS)
+@pytest.mark.parametrize(("num_tasks", "dim"), [(3, 30), (8, 30), (16, 10), (32, 20), (32, 200)])
+def test_every_batched_projection_satisfies_the_kkt_conditions(sampler, num_tasks, dim):
+    """The warm-started batch of T problems, each checked directly: x >= 0, K x + c >= 0 and
+    x_j (K x + c)_j = 0, with c = K u_i, up to rounding of |K v_i| <= max(diag K) |v_i|_1."""
+    for seed in range(3):
+        jacobian = sampler(num_tasks, dim, seed=seed)
+        gram = jacobian @ jacobian.T
+        base = torch.eye(num_tasks, dtype=torch.float64) / num_tasks
+        x = nonnegative_qp(gram, gram / num_tasks)
+        gradient = (base + x) @ gram  # row i: K (u_i + x_i) = K x_i + c_i (K symmetric)
+        scale = gram.diagonal().max() * (base + x).abs().sum(dim=1, keepdim=True) + 1e-300
+        assert (x >= 0).all()
+        assert (gradient >= -1e-10 * scale).all()
+        assert ((x * gradient).abs() <= 1e-10 * scale * x.abs().max()).all()
+
+
+@pytest.mark.parametrize("sampler", _ALL_SAMPLERS)
+@pytest.mark.parametrize(("num_tasks", "dim"), [(8, 30), (32, 20), (32, 2000)])
+def test_agrees_with_torchjd_upgrad_up_to_32_tasks_and_on_degenerate_jacobians(
+    sampler, num_tasks, dim
+):
+    """torchjd's UPGrad weighting with the independent NNLS projector, on more tasks than
+    dimensions (the dual cone is then often {0}, and the weights are not unique: only the
+    aggregated vector is compared, relative to the largest gradient)."""
+    pytest.importorskip("scipy")
+    from torchjd.aggregation import UPGradWeighting
+
+    weighting = UPGradWeighting(projector=_NNLSProjector())
+    for seed in range(2):
+        jacobian = sampler(num_tasks, dim, seed=seed)
+        gram = jacobian @ jacobian.T
+        ours = upgrad_weights(gram) @ jacobian
+        theirs = weighting(gram) @ jacobian
+        largest = float(jacobian.norm(dim=1).max()) + 1e-300
+        assert float((ours - theirs).norm()) <= 1e-6 * largest

@@ -213,6 +213,14 @@ def active_set(
     P problems are solved together, one batched face solve per iteration, each problem taking
     exactly the steps it would take alone and stopping at its own optimum. Arrays are float64.
 
+    Without the sum constraint the start is ``x = 0``, where every bound holds whatever the free
+    set, so the free set is a guess: the coordinates with a negative multiplier there
+    (``b_j < 0``), shrunk at once to the face minimiser's positive coordinates while the iterate
+    has not left 0. The loop then frees or fixes one coordinate at a time as usual, and stops only
+    on the same optimality test (a face minimiser with no negative bound multiplier), so the
+    result is the same minimiser; only the path is shorter. UPGrad's 32 problems at T = 32 took
+    16 batched face solves from the empty free set, 4-5 from the guess.
+
     >>> active_set(np.diag([1.0, 4.0]), np.zeros(2), simplex=True)
     array([0.8, 0.2])
     """
@@ -240,31 +248,54 @@ def _active_set(q: np.ndarray, b: np.ndarray, simplex: bool, max_iter: int | Non
     if simplex:
         y = np.tile(weights / (weights @ weights), (count, 1))  # x proportional to 1/D
         free = np.ones((count, num), dtype=bool)
+        origin = np.zeros(count, dtype=bool)
     else:
+        # Warm start: at x = 0 every bound holds, so any free set is a valid working set; start
+        # from the coordinates whose multiplier is negative there (``b_j < 0``, the tasks that
+        # conflict with UPGrad's i-th), those the loop would otherwise free one at a time.
         y = np.zeros((count, num))
-        free = np.zeros((count, num), dtype=bool)
+        free = b < -1e3 * _TOL * np.abs(b).max(axis=1, keepdims=True)
+        origin = free.any(axis=1)
+    """Per problem: still at x = 0, where the free set is only a guess (see ``drop``)."""
     running = np.ones(count, dtype=bool)
-    rows, columns = np.arange(count), np.arange(num)
-    fresh = np.zeros(count, dtype=bool)
-    """Per problem: the last iteration stepped all the way to the minimiser of the current
-    face, so solving the same face again would give a zero step (the confirming iteration
-    then only checks the multipliers: half the solves of a typical problem)."""
+    rows = np.arange(count)
+    b_size = np.abs(b).max(axis=1)
     max_iter = 20 * num + 50 if max_iter is None else max_iter
     for _ in range(max_iter):
         if not running.any():
             break
-        # Only the problems still running (UPGrad's finish at different times) and not at
-        # their face's minimum already are solved.
-        solve = running & ~fresh
-        if solve.all():
+        # Only the problems still running (UPGrad's finish at different times) are solved.
+        if running.all():
             step = _face_minimisers(q, b, weights, free, simplex) - y
         else:
             step = np.zeros_like(y)
-            if solve.any():
-                face_minima = _face_minimisers(q, b[solve], weights, free[solve], simplex)
-                step[solve] = face_minima - y[solve]
-        moves = np.abs(step).max(axis=1) > _TOL * (1 + np.abs(y).max(axis=1))
-        # At the face's minimum: free the most negative multiplier, or stop.
+            face_minima = _face_minimisers(q, b[running], weights, free[running], simplex)
+            step[running] = face_minima - y[running]
+        moves = running & (np.abs(step).max(axis=1) > _TOL * (1 + np.abs(y).max(axis=1)))
+        shrinking = free & (step < 0)
+        stepping = moves
+        if origin.any():
+            # At x = 0 a step towards a face minimiser with negative coordinates has length
+            # zero (its ratio test fixes one of them and re-solves): fix them all at once
+            # instead, still at x = 0, where any free set is feasible. Strictly fewer free
+            # coordinates each time, so this ends; from then on the method is the textbook one.
+            drop = origin & moves & shrinking.any(axis=1)
+            free &= ~(drop[:, None] & shrinking)
+            shrinking &= ~drop[:, None]
+            stepping = moves & ~drop
+            origin &= ~stepping
+        # Step towards the face's minimum until a free coordinate hits zero (fix it).
+        ratios = np.where(shrinking, y / np.maximum(-step, 1e-300), np.inf)
+        blocking = ratios.argmin(axis=1)
+        alpha = np.minimum(ratios[rows, blocking], 1.0)
+        y = np.where(stepping[:, None], np.maximum(y + alpha[:, None] * step, 0.0), y)
+        blocked = np.flatnonzero(stepping & (alpha < 1.0))
+        y[blocked, blocking[blocked]] = 0.0
+        free[blocked, blocking[blocked]] = False
+        # At the face's minimum (reached by this step, or already there): free the bound
+        # coordinate with the most negative multiplier, or stop (the KKT conditions hold). Done
+        # in the same iteration as the step that reached it, whose re-solve would be a zero step.
+        at_minimum = (running & ~moves) | (stepping & (alpha >= 1.0))
         curvature = y @ q
         multipliers = curvature + b
         if simplex:
@@ -275,21 +306,11 @@ def _active_set(q: np.ndarray, b: np.ndarray, simplex: bool, max_iter: int | Non
         bound_multipliers = np.where(free, np.inf, multipliers)
         entering = bound_multipliers.argmin(axis=1)
         lowest = bound_multipliers[rows, entering]
-        size = np.sqrt(np.maximum((curvature * y).sum(axis=1), 0.0)) + np.abs(b).max(axis=1)
+        size = np.sqrt(np.maximum((curvature * y).sum(axis=1), 0.0)) + b_size
         negative = lowest < -1e3 * _TOL * size
-        release = running & ~moves & negative
-        free |= release[:, None] & (columns == entering[:, None])
-        running &= moves | negative
-        # Away from it: step towards the face's minimum until a free coordinate hits zero.
-        stepping = running & moves
-        ratios = np.where(free & (step < 0), y / np.maximum(-step, 1e-300), np.inf)
-        blocking = ratios.argmin(axis=1)
-        alpha = np.minimum(ratios[rows, blocking], 1.0)
-        y = np.where(stepping[:, None], np.maximum(y + alpha[:, None] * step, 0.0), y)
-        hit = (stepping & (alpha < 1.0))[:, None] & (columns == blocking[:, None])
-        y[hit] = 0.0
-        free &= ~hit
-        fresh = stepping & (alpha >= 1.0)
+        released = np.flatnonzero(at_minimum & negative)
+        free[released, entering[released]] = True
+        running &= ~(at_minimum & ~negative)
     x = scale * y
     if simplex:
         x = x / x.sum(axis=1, keepdims=True)

@@ -13,9 +13,9 @@ pair of gradients conflicts.
 
 Solver: each of the T problems is a non-negative QP in ``x = v - u``
 (``min 1/2 x^T K x + (K u)^T x, x >= 0``), solved exactly by the active-set method of
-:func:`taskbalance.methods._simplex.nonnegative_qp`, the T problems as one batch (torchjd uses
-quadprog on a normalised, regularised Gramian). Needs: the Gramian. Cost: per-task gradients +
-T small QPs, batched.
+:func:`taskbalance.methods._simplex.nonnegative_qp`, the T problems as one batch, each
+warm-started from the tasks that conflict with its own (torchjd uses quadprog on a normalised,
+regularised Gramian). Needs: the Gramian. Cost: per-task gradients + T small QPs, batched.
 Default level: ``"parameter"`` (the paper's setting).
 """
 

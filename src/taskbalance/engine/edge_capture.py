@@ -76,8 +76,10 @@ def backward_through_heads(
     (the per-task terms of ``total``) at ``feature``, read on the way. Returns ``False``, having
     run nothing, where the rows cannot be told apart by task (see the module docstring).
 
-    An error raised by ``substitute`` leaves the backward unfinished: the gradients of what
-    lies between ``feature`` and the losses (the heads) are written, the rest is not.
+    An error raised by ``substitute`` leaves the backward unfinished: gradients of what lies
+    between ``feature`` and the losses (the heads) may already be written, nothing below
+    ``feature`` is. The rows stay valid after the engine sums them into ``feature``'s
+    gradient: held here, they are not the engine's to accumulate into in place.
 
     >>> z = torch.ones(2, requires_grad=True) * 1.0
     >>> w = torch.ones(1, requires_grad=True)

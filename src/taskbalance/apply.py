@@ -26,6 +26,7 @@ own parameters are not in the user's DDP model, so their gradients are averaged 
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -171,8 +172,10 @@ class _Prepared:
     unit: bool = False
     """The loss weights are ones by construction (the method has no loss level)."""
 
+    @functools.cached_property
     def weighted_values(self) -> Tensor:
-        """``w_t L_t``, detached: the losses a gradient-level method is shown."""
+        """``w_t L_t``, detached: the losses a gradient-level method is shown (made once a
+        step: the loss checks and the method's solve both read it)."""
         return self.seen if self.unit else (self.loss_weights * self.seen).detach()
 
     def weighted_tasks(self) -> list[Tensor]:
@@ -219,7 +222,7 @@ def _prepare(
         scale = scaler.get_scale()
     prepared = _Prepared(checked, seen, loss_weights, total, ranks, scale, unit)
     if method.requires is not Requirement.LOSSES and not on_accelerator(seen):
-        method.check_losses(prepared.weighted_values())
+        method.check_losses(prepared.weighted_values)
     return prepared
 
 
@@ -301,7 +304,7 @@ def _shared_update(
     norms = _norms(gram)
     _check_reachable(method, prepared.losses, norms, inputs)
     cosines = _cosines(gram, norms)
-    flat = method.aggregate(prepared.weighted_values(), matrix).detach()
+    flat = method.aggregate(prepared.weighted_values, matrix).detach()
     if prepared.scale != 1:
         flat = flat * prepared.scale
     if flat.shape != (matrix.shape[1],) or not _all_finite(flat):
@@ -349,11 +352,11 @@ def _gramian_update(
     num_tasks = len(prepared.losses.names)
     host_weights = getattr(method, "host_weights", None)
     if host_weights is None:
-        weights = method.shared_weights(prepared.weighted_values(), gram).detach()
+        weights = method.shared_weights(prepared.weighted_values, gram).detach()
         _check_weights(method, weights, num_tasks)
     else:
-        host_gram = HostGramian(host, host_norms, cosines, torch.finfo(gram.dtype).eps)
-        values = host_weights(prepared.weighted_values(), host_gram)
+        host_gram = HostGramian(host_norms, cosines, torch.finfo(gram.dtype).eps)
+        values = host_weights(prepared.weighted_values, host_gram)
         _check_weights(method, values, num_tasks)
         weights = to_tensor(values, gram, gram.dtype)
     return _SharedUpdate(inputs, combination(weights), weights, norms, cosines_tensor)
@@ -372,7 +375,7 @@ def _unhealthy_update(
     if not _finite_or_overflow(prepared, gram):
         return _SharedUpdate(inputs, combination(torch.ones_like(gram[0])), None, *_NO_NORMS)
     _check_reachable(method, prepared.losses, _norms(gram), inputs)
-    weights = method.shared_weights(prepared.weighted_values(), gram).detach()
+    weights = method.shared_weights(prepared.weighted_values, gram).detach()
     _check_weights(method, weights, len(prepared.losses.names))
     norms = _norms(gram)
     return _SharedUpdate(inputs, combination(weights), weights, norms, _cosines(gram, norms))
@@ -392,7 +395,7 @@ def _device_weights(
             raise InvalidLossError(
                 f"the loss of task '{name}' does not depend on the {_describe(method)}", task=name
             )
-    weights = method.shared_weights(prepared.weighted_values(), gram).detach()
+    weights = method.shared_weights(prepared.weighted_values, gram).detach()
     if weights.shape != (len(prepared.losses.names),):
         raise RuntimeError(
             f"{type(method).__name__} produced weights of shape {tuple(weights.shape)} for "

@@ -91,7 +91,16 @@ def test_an_error_in_the_substitute_stops_the_backward_at_z_and_leaves_no_hook_b
         torch.testing.assert_close(ours.grad, plain.grad)
 
 
-def test_several_feature_tensors_take_the_per_task_passes_with_the_same_result():
+def test_several_feature_tensors_take_the_per_task_passes_with_the_same_result(monkeypatch):
+    import taskbalance.apply as apply_module
+
+    taken = []
+
+    def spy(*args, **kwargs):
+        taken.append(backward_through_heads(*args, **kwargs))
+        return taken[-1]
+
+    monkeypatch.setattr(apply_module, "backward_through_heads", spy)
     grads = []
     for mode in ("auto", "loop"):
         trunk, _ = _model()
@@ -101,8 +110,13 @@ def test_several_feature_tensors_take_the_per_task_passes_with_the_same_result()
         losses = [parts[0].pow(2).sum() + parts[1].sum(), (parts[0] * parts[1]).sum()]
         taskbalance.IMTLG().backward(losses, features=parts, jacobian_mode=mode)
         grads.append([p.grad for p in trunk.parameters()])
+    assert taken == []  # never tried: the one backward serves one feature tensor
     for auto, loop in zip(*grads, strict=True):
         torch.testing.assert_close(auto, loop, rtol=1e-12, atol=1e-14)
+    trunk, heads = _model()
+    losses, z = _losses(trunk, heads)
+    taskbalance.IMTLG().backward(losses, features=z)
+    assert taken == [True]  # the spy sees the one backward where it applies
 
 
 @pytest.mark.parametrize("name", ["imtl_g", "imtl", "mgda", "pcgrad", "emtl"])

@@ -29,6 +29,8 @@ from torch.nn import functional
 
 from taskbalance import IMTLG
 from taskbalance.engine import SparseGradientError, UncoveredLayerError
+from taskbalance.engine.edge_capture import backward_through_heads
+from taskbalance.engine.gramian_path import plan_layers
 from taskbalance.engine.placement import device_resident
 
 NUM_TRUNKS = 320
@@ -379,4 +381,16 @@ def test_the_generator_covers_what_it_claims():
         count("float32", trunk.dtype == torch.float32)
         count("five tasks", len(case.heads) == 5)
         count("one task", len(case.heads) == 1)
+        # The engine's own paths that the variants only reach on some trunks.
+        losses, z = case.forward()
+        plan = plan_layers(losses, case.params, force=True)
+        count("layer outputs in passes of their own", plan.capture_apart)
+        count("feature level in one backward", _one_backward(losses, z))
     assert min(seen.values()) >= 10, seen
+
+
+def _one_backward(losses: list[Tensor], z: Tensor) -> bool:
+    """Whether a feature-level step on these losses takes the one backward (it runs it)."""
+    if z.grad_fn is None:
+        return False
+    return backward_through_heads(sum(losses), losses, z, lambda block: block.sum(0))

@@ -71,12 +71,13 @@ def to_tensor(array: np.ndarray, like: Tensor, dtype: torch.dtype = torch.float6
 
 @dataclass(frozen=True)
 class HostGramian:
-    """The T x T Gramian of a CPU step on the host, for a method's ``host_weights``: the step
+    """The T x T Gramian ``K = G G^T`` of a CPU step on the host, as its norms and cosines
+    (``K = diag(norms) cosines diag(norms)``), for a method's ``host_weights``: the step
     computes these for its record anyway, so a method's host solve starts from them instead of
-    converting tensors back and forth (tens of microseconds a step on a small model).
+    converting tensors back and forth (tens of microseconds a step on a small model). Float64;
+    the method must not edit them.
 
     Attributes:
-        matrix: ``K = G G^T`` in float64 (the method must not edit it).
         norms: ``||g_t|| = sqrt(K_tt)``, every one finite and positive (a step whose Gramian
             has a zero or non-finite gradient calls ``shared_weights`` instead).
         cosines: ``K_st / (||g_s|| ||g_t||)``.
@@ -84,7 +85,6 @@ class HostGramian:
             rank cut-off.
     """
 
-    matrix: np.ndarray
     norms: np.ndarray
     cosines: np.ndarray
     eps: float

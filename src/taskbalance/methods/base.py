@@ -234,7 +234,7 @@ class Method(nn.Module):
         A method whose solve runs in float64 numpy anyway may also define
         ``host_weights(losses, gramian: HostGramian) -> np.ndarray``
         (:class:`taskbalance.engine.placement.HostGramian`): on the CPU the step then calls it
-        with the Gramian, norms and cosines it already holds on the host, when every gradient is
+        with the Gramian's norms and cosines it already holds on the host, when every gradient is
         non-zero and finite, and saves the conversions (IMTL-G and IMTL do). It must give the
         weights this method gives.
         """
